@@ -87,3 +87,20 @@ def detect_family(config: dict, source_keys: Sequence[str] = ()) -> Family:
 
 class UnknownModelError(ValueError):
     pass
+
+
+def read_family_tag(folder) -> str:
+    """The family name a converted folder was written for (config.json "paddlevl": {"family": ...})."""
+    import json
+    import os
+
+    path = os.path.join(os.fspath(folder), "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing — is {folder} a folder written by `paddlevl convert`?") from None
+    tag = (cfg.get("paddlevl") or {}).get("family")
+    if not tag:
+        raise ValueError(f"{path}: no \"paddlevl\" family tag — convert the upstream folder with `paddlevl convert`")
+    return tag
