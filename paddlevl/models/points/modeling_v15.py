@@ -207,6 +207,11 @@ class POINTSV15ChatModel(nn.Layer):
                               image_embeds.astype(embeds.dtype), overwrite=True)
         return flat.reshape([b_, l_, hdim])
 
+    def chat(self, messages, tokenizer, image_processor, generation_config=None) -> str:
+        """Upstream's model.chat(messages, tokenizer, image_processor, generation_config) (see chat_v15.py)."""
+        from .chat_v15 import chat
+        return chat(self, messages, tokenizer, image_processor, generation_config)
+
     def forward(self, input_ids, pixel_values=None, grid_thw=None, image_token_id=None, attention_mask=None):
         """Prefill logits [B, L, V] (float32)."""
         img = None if pixel_values is None else self.image_embeds(pixel_values, grid_thw)
