@@ -130,11 +130,19 @@ class ChatSession:
         self.bot = bot
         self.history: list[dict] = []
 
-    def ask(self, prompt: str, images=None, **generation) -> dict:
+    def ask(self, prompt: str, images=None, stream: Optional[Callable[[str], None]] = None, **generation) -> dict:
+        """One user turn (images first, then the text). `stream(text_so_far)` is called after every new token."""
         content = [{"type": "image", "image": im} for im in (images or [])]
         content.append({"type": "text", "text": prompt})
         messages = self.history + [{"role": "user", "content": content}]
-        out = self.bot.generate_ids([messages], generation)
+        callback = None
+        if stream is not None:
+            got: list[int] = []
+
+            def callback(step_ids):
+                got.append(int(step_ids[0]))
+                stream(self.bot.tokenizer.decode(got, skip_special_tokens=True))
+        out = self.bot.generate_ids([messages], generation, callback=callback)
         ids = out.sequences[0]
         text = self.bot.tokenizer.decode(ids, skip_special_tokens=True)
         self.history = messages + [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
