@@ -84,8 +84,10 @@ def _processor(model, tokenizer, base_dir=None) -> QwenVLProcessor:
 
 
 def generate_ids(model, tokenizer, context_ids: list[int], gen: GenerationConfig, stop_words: list,
-                 base_dir: Optional[str] = None, callback: Optional[Callable] = None):
-    """Prefill with the images named in the context, then decode; returns the generated ids (stop/eos included)."""
+                 base_dir: Optional[str] = None, callback: Optional[Callable] = None,
+                 logits_processors: Sequence[Callable] = ()):
+    """Prefill with the images named in the context, then decode; returns the generated ids (stop/eos included).
+    Extra logits_processors run before the stop-word processor (as HF appends upstream's processor last)."""
     inputs = _processor(model, tokenizer, base_dir)(context_ids)
     with paddle.no_grad():
         ids = paddle.to_tensor(inputs["input_ids"])
@@ -95,7 +97,7 @@ def generate_ids(model, tokenizer, context_ids: list[int], gen: GenerationConfig
         embeds = model.embed_with_images(ids, image_embeds, inputs["image_spans"])
     eos = gen.eos_token_ids[0]
     proc = StopWordsProcessor(stop_words, eos, prompts=[context_ids])
-    out = generate(model, embeds, inputs["attention_mask"], gen, logits_processors=[proc],
+    out = generate(model, embeds, inputs["attention_mask"], gen, logits_processors=[*logits_processors, proc],
                    prefill_extra={"last_only": True}, step_extra={"last_only": True},
                    penalty_ids=[context_ids], callback=callback)
     return out.sequences[0]
@@ -103,9 +105,11 @@ def generate_ids(model, tokenizer, context_ids: list[int], gen: GenerationConfig
 
 def chat(model, tokenizer, query: str, history: Optional[list] = None, system: str = DEFAULT_SYSTEM,
          append_history: bool = True, stop_words_ids_extra: Optional[list] = None,
-         chat_config: Optional[ChatConfig] = None, base_dir: Optional[str] = None, **generation):
+         chat_config: Optional[ChatConfig] = None, base_dir: Optional[str] = None,
+         logits_processors: Sequence[Callable] = (), **generation):
     """One turn: returns (response, history). `generation` overrides GenerationConfig fields
-    (max_new_tokens, do_sample, top_p, top_k, temperature, repetition_penalty, seed)."""
+    (max_new_tokens, do_sample, top_p, top_k, temperature, repetition_penalty, seed); logits_processors are
+    callables (generated rows, logits [B, V]) -> logits."""
     cc = chat_config or ChatConfig()
     if cc.chat_format != "chatml":
         raise ValueError(f"chat needs a chatml chat model (generation_config chat_format is {cc.chat_format!r})")
@@ -114,7 +118,7 @@ def chat(model, tokenizer, query: str, history: Optional[list] = None, system: s
     raw_text, context = make_context(tokenizer, query, history, system, max_window, cc.chat_format)
     stops = list(stop_words_ids_extra or []) + list(cc.stop_words_ids) + stop_words_ids(tokenizer, cc.chat_format)
     gen = cc.generation(tokenizer, **generation)
-    new_ids = generate_ids(model, tokenizer, context, gen, stops, base_dir)
+    new_ids = generate_ids(model, tokenizer, context, gen, stops, base_dir, logits_processors=logits_processors)
     response = decode_response(context + new_ids, tokenizer, len(raw_text), len(context), cc.chat_format)
     if append_history:
         history.append((query, response))
@@ -123,7 +127,7 @@ def chat(model, tokenizer, query: str, history: Optional[list] = None, system: s
 
 def chat_stream(model, tokenizer, query: str, history: Optional[list] = None, system: str = DEFAULT_SYSTEM,
                 chat_config: Optional[ChatConfig] = None, base_dir: Optional[str] = None,
-                **generation) -> Iterator[str]:
+                logits_processors: Sequence[Callable] = (), **generation) -> Iterator[str]:
     """Yields the response decoded so far after every new token (specials skipped, bad bytes ignored), like
     upstream chat_stream. Runs the decode loop in a worker thread and hands tokens over a queue."""
     import queue
@@ -140,7 +144,8 @@ def chat_stream(model, tokenizer, query: str, history: Optional[list] = None, sy
 
     def work():
         try:
-            generate_ids(model, tokenizer, context, gen, stops, base_dir, callback=lambda ids: q.put(int(ids[0])))
+            generate_ids(model, tokenizer, context, gen, stops, base_dir, callback=lambda ids: q.put(int(ids[0])),
+                         logits_processors=logits_processors)
         except BaseException as e:  # re-raised in the consumer
             q.put(e)
         finally:
