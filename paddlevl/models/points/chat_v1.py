@@ -17,27 +17,34 @@ from ...generation import GenerationConfig, generate
 from .processing_v1 import (END_TOKEN, IMAGE_TOKEN, CLIPImageProcessor, build_prompt, crop_image, load_image)
 
 
+DEFAULT_MAX_NEW_TOKENS = 1024  # the model card's generation_config
+_HF_DEFAULT_TOP_K = 50         # transformers' top_k when sampling and none is given
+
+
 def generation_config_from(gen, eos_token_id: int) -> GenerationConfig:
     """Upstream passes a dict of HF generate() kwargs ({"max_new_tokens", "temperature", "top_p", "num_beams",
-    "do_sample", ...}); greedy unless do_sample (HF: temperature/top_p alone do not sample)."""
+    "do_sample", ...}); greedy unless do_sample (HF: temperature/top_p alone do not sample; temperature 0 is
+    greedy too). Stops at <|im_end|> unless eos ids are given."""
     if isinstance(gen, GenerationConfig):
         cfg = gen
     else:
         gen = dict(gen or {})
         beams = int(gen.pop("num_beams", 1) or 1)
         if beams != 1:
-            raise NotImplementedError(f"num_beams={beams}: only greedy/sampling decoding is supported")
-        do_sample = bool(gen.pop("do_sample", False))
-        known = {"max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop_strings"}
-        unknown = set(gen) - known - {"eos_token_id", "pad_token_id"}
+            raise NotImplementedError(f"num_beams={beams}: beam search is not supported; use greedy or sampling")
+        known = {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "seed",
+                 "stop_strings", "eos_token_id"}
+        unknown = set(gen) - known
         if unknown:
             raise ValueError(f"unsupported generation options: {sorted(unknown)}")
+        eos = gen.get("eos_token_id")
         cfg = GenerationConfig(
-            max_new_tokens=int(gen.get("max_new_tokens", 512)), do_sample=do_sample,
-            temperature=float(gen.get("temperature") or 1.0) if do_sample else 1.0,
-            top_k=int(gen.get("top_k", 50)), top_p=float(gen.get("top_p") or 1.0) if do_sample else 1.0,
+            max_new_tokens=int(gen.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)),
+            do_sample=bool(gen.get("do_sample", False)), temperature=float(gen.get("temperature", 1.0)),
+            top_k=int(gen.get("top_k", _HF_DEFAULT_TOP_K)), top_p=float(gen.get("top_p", 1.0)),
             repetition_penalty=float(gen.get("repetition_penalty", 1.0)), seed=gen.get("seed"),
-            stop_strings=tuple(gen.get("stop_strings", ())))
+            stop_strings=tuple(gen.get("stop_strings", ())),
+            eos_token_ids=() if eos is None else tuple(eos if isinstance(eos, (list, tuple)) else [eos]))
     if not cfg.eos_token_ids:
         cfg = cfg.updated(eos_token_ids=(eos_token_id,))
     return cfg
