@@ -8,7 +8,7 @@ assistant\n{reply}<|im_end|>\n`); its first turn is byte-identical to `chat`.
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import paddle
@@ -97,7 +97,10 @@ class PointsV1ChatSession:
         self.crops: list = []    # every crop of the conversation, in prompt order
         self.history: list = []  # (prompt, response) pairs
 
-    def ask(self, prompt: str, images: Optional[Sequence] = None, **generation) -> dict:
+    def ask(self, prompt: str, images: Optional[Sequence] = None, stream: Optional[Callable[[str], None]] = None,
+            **generation) -> dict:
+        """One user turn (its images' crops first, then the text). `stream(text_so_far)` is called after every new
+        token."""
         _check_user_text(self.tokenizer, prompt)
         new_crops = []
         for img in images or ():
@@ -109,8 +112,15 @@ class PointsV1ChatSession:
         crops = self.crops + new_crops
         embeds = _embeds(self.model, np.asarray([ids], dtype=np.int64), crops, self.tokenizer, self.image_processor)
         cfg = generation_config_from({**self.generation, **generation}, self.end_id)
+        callback = None
+        if stream is not None:
+            got: list = []
+
+            def callback(step_ids):
+                got.append(int(step_ids[0]))
+                stream(self.tokenizer.decode(got, skip_special_tokens=True))
         out = generate(self.model.llm, embeds, np.ones([1, len(ids)], dtype=np.int64), cfg,
-                       prefill_extra={"last_only": True}, decode=self.tokenizer.decode)
+                       prefill_extra={"last_only": True}, decode=self.tokenizer.decode, callback=callback)
         reply = list(out.sequences[0])
         response = self.tokenizer.decode(reply, skip_special_tokens=True)
         if reply and reply[-1] in cfg.eos_token_ids:
@@ -118,7 +128,8 @@ class PointsV1ChatSession:
         self.ids = ids + reply + [self.end_id] + self.tokenizer.encode("\n")
         self.crops = crops
         self.history.append((prompt, response))
-        return {"result": response, "ids": out.sequences[0], "history": list(self.history)}
+        return {"result": response, "ids": out.sequences[0], "finished": out.finished[0],
+                "history": list(self.history)}
 
 
 def load_processors(folder: str):
