@@ -41,6 +41,19 @@ def _token_id(inputs: dict, key: str, fixture_dir: str, token: str) -> int:
     return QwenTokenizer.from_dir(os.path.join(fixture_dir, "source")).convert_tokens_to_ids(token)
 
 
+def _per_row(feats, input_ids: np.ndarray, image_token_id: int, model) -> list:
+    """Split the crops [n, T, H] between the batch rows by their image-token counts (crops in row order)."""
+    counts = (input_ids == image_token_id).sum(axis=1) // model.config.tokens_per_crop
+    if int(counts.sum()) != feats.shape[0]:
+        raise ValueError(f"input_ids hold image tokens for {int(counts.sum())} crops, pixel_values has "
+                         f"{feats.shape[0]}")
+    out, start = [], 0
+    for n in counts.tolist():
+        out.append(feats[start:start + n] if n else None)
+        start += n
+    return out
+
+
 def golden(model, fixture_dir, inputs: dict) -> dict:
     fixture_dir = os.fspath(fixture_dir)
     ids = paddle.to_tensor(inputs["input_ids"].astype(np.int64))
@@ -49,7 +62,7 @@ def golden(model, fixture_dir, inputs: dict) -> dict:
     eos_token_id = _token_id(inputs, "eos_token_id", fixture_dir, "<|im_end|>")
     with paddle.no_grad():
         feats, parts = model.image_features(paddle.to_tensor(_pixel_values(inputs)), return_parts=True)
-        embeds = model.merge(ids, feats, image_token_id)
+        embeds = model.merge(ids, _per_row(feats, inputs["input_ids"], image_token_id, model), image_token_id)
         logits = model.llm.forward_embeds(embeds, paddle.to_tensor(mask))
     cfg = GenerationConfig(max_new_tokens=_max_new_tokens(fixture_dir), eos_token_ids=(eos_token_id,))
     gen = generate(model.llm, embeds, mask, cfg, return_step_logits=True)
