@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import paddle
 from paddle import nn
 
@@ -60,8 +61,9 @@ class PointsLLMConfig:
         d = dict(d)
         if "llm_config" in d:
             d = dict(d["llm_config"])
-        custom = any(k in d for k in ("num_layers", "num_kv_heads", "ffn_hidden_size", "layernorm_epsilon",
-                                      "rotary_emb_base")) or d.get("model_type") == "custom_llama"
+        custom = any(d.get(k) is not None for k in ("num_layers", "num_kv_heads", "ffn_hidden_size",
+                                                    "layernorm_epsilon", "rotary_emb_base")) \
+            or d.get("model_type") == "custom_llama"
 
         def pick(*names, default=None, required=True):
             for n in names:
@@ -115,6 +117,15 @@ class PointsLLMConfig:
         return cfg
 
 
+def _round_to(x: float, dtype: str) -> float:
+    """x rounded (to nearest even) to float16 / bfloat16, as a Python float."""
+    if dtype == "float16":
+        return float(np.float16(x))
+    u = np.array([x], dtype=np.float32).view(np.uint32)
+    u = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)) << np.uint32(16)
+    return float(u.view(np.float32)[0])
+
+
 class Attention(nn.Layer):
     def __init__(self, cfg: PointsLLMConfig):
         super().__init__()
@@ -125,8 +136,22 @@ class Attention(nn.Layer):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias_attr=qkv_b)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size,
                                 bias_attr=None if cfg.out_bias else False)
-        # upstream: 1 / sqrt(head_dim) as a float32 tensor division
-        self.scale = float(paddle.to_tensor(1.0, dtype="float32") / math.sqrt(cfg.head_dim))
+        self.head_scale = math.sqrt(cfg.head_dim)
+        # CustomLlama keeps sqrt(head_dim) as a tensor in the load dtype: loaded in bf16/fp16 it is rounded
+        # (sqrt(128) = 11.3137 -> 11.3125) and the scale is computed in that dtype; Qwen2 uses the exact value.
+        self.lowp_scale = cfg.layout == "customllama"
+        self._scales = {}
+
+    def scale_for(self, dtype) -> float:
+        key = str(dtype)
+        if key not in self._scales:
+            if self.lowp_scale and dtype in (paddle.bfloat16, paddle.float16):
+                low = "bfloat16" if dtype == paddle.bfloat16 else "float16"
+                val = _round_to(1.0 / _round_to(self.head_scale, low), low)
+            else:
+                val = float(np.float32(1.0) / np.float32(self.head_scale))
+            self._scales[key] = val
+        return self._scales[key]
 
     def forward(self, x, rope, keep_mask, cache: KVCache | None, layer_idx: int):
         b, l, _ = x.shape
@@ -136,7 +161,7 @@ class Attention(nn.Layer):
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)
-        return self.o_proj(attention(q, k, v, keep_mask, scale=self.scale))
+        return self.o_proj(attention(q, k, v, keep_mask, scale=self.scale_for(x.dtype)))
 
 
 class DecoderLayer(nn.Layer):

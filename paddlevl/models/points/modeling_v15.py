@@ -18,10 +18,11 @@ import numpy as np
 import paddle
 from paddle import nn
 
-from ...layers import LayerNorm, ViTBlock, vision_rope_2d
+from ...layers import LayerNorm, ViTBlock, apply_rotary, attention, vision_rope_2d
 from .llm import PointsLLM, PointsLLMConfig
 
 VISION_LN_EPS = 1e-6     # Qwen2-VL vision blocks and PatchMerger build their LayerNorms with eps=1e-6 (not in config)
+SCORE_BUDGET = 1 << 26   # max attention-score elements per call in the tower (large images attend in query chunks)
 
 
 @dataclass
@@ -133,11 +134,27 @@ class NaViTVisionTower(nn.Layer):
             h = x[start:end].unsqueeze(0)
             rope = (cos[start:end].unsqueeze(0), sin[start:end].unsqueeze(0))
             for blk in self.blocks:
-                h = blk(h, rope=rope)
+                h = self._block(blk, h, rope)
             outs.append(h.squeeze(0))
             start = end
         out = paddle.concat(outs, axis=0) if len(outs) > 1 else outs[0]
         return (out, patch_out) if return_patch_embed else out
+
+
+    def _block(self, blk: ViTBlock, x, rope):
+        """blk(x) for one image; images with many patches attend in query chunks to bound the score memory."""
+        n, heads = x.shape[1], self.config.num_heads
+        chunk = max(1, SCORE_BUDGET // (heads * n))
+        if chunk >= n:
+            return blk(x, rope=rope)
+        a, hd = blk.self_attn, self.config.head_dim
+        h = blk.layer_norm1(x)
+        q = apply_rotary(a.q_proj(h).reshape([1, n, heads, hd]), *rope)
+        k = apply_rotary(a.k_proj(h).reshape([1, n, heads, hd]), *rope)
+        v = a.v_proj(h).reshape([1, n, heads, hd])
+        out = paddle.concat([attention(q[:, s:s + chunk], k, v) for s in range(0, n, chunk)], axis=1)
+        x = x + a.out_proj(out)
+        return x + blk.mlp(blk.layer_norm2(x))
 
 
 class PatchMerger(nn.Layer):
