@@ -271,3 +271,15 @@ def test_chat_demo_scripted(folder, tmp_path, monkeypatch):
     results = demo.run(args, lines=["这是什么?", "框出图中公交车的位置", ""], out=buf)
     assert len(results) == 2 and len(results[1]["history"]) == 2
     assert "assistant>" in buf.getvalue()
+
+
+def test_model_chat_method(model, tok, folder):
+    """Upstream call shape: model.chat(tokenizer, query, history) -> (response, history), twice."""
+    model.chat_config = _chat_config(folder)
+    q1 = MANIFEST["inputs"]["query"]
+    r1, h = model.chat(tok, q1, None, base_dir=FIX, do_sample=False, max_new_tokens=8)
+    assert r1 == MANIFEST["inputs"]["greedy_response_text (model.chat)"]
+    r2, h = model.chat(tok, "框出图中公交车的位置", h, base_dir=FIX, do_sample=False, max_new_tokens=3)
+    assert [t[0] for t in h] == [q1, "框出图中公交车的位置"] and h[1][1] == r2
+    texts = list(model.chat_stream(tok, "hi", h, base_dir=FIX, do_sample=False, max_new_tokens=2))
+    assert 1 <= len(texts) <= 2

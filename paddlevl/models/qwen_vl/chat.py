@@ -224,4 +224,6 @@ def chat_session(folder: str, model=None, **kw) -> QwenVLChatSession:
     if model is None:
         from ...checkpoint import load_model
         model = load_model(folder, dtype=kw.pop("dtype", "float32"))
-    return QwenVLChatSession(folder, model, **kw)
+    session = QwenVLChatSession(folder, model, **kw)
+    model.chat_config = session.chat_config
+    return session

@@ -272,6 +272,21 @@ class QwenVLForCausalLM(nn.Layer):
             x = block(x, rope, logn, keep, cache, i)
         return self.transformer.ln_f(x)
 
+    # ---- upstream-style chat entry points (model.chat(tokenizer, query, history)) ----------------------------
+    chat_config = None  # a chat.ChatConfig (the folder's generation_config.json); None = Qwen-VL-Chat defaults
+
+    def chat(self, tokenizer, query: str, history=None, **kw):
+        """(response, history) for one turn; see paddlevl.models.qwen_vl.chat.chat for the options."""
+        from .chat import chat
+        kw.setdefault("chat_config", self.chat_config)
+        return chat(self, tokenizer, query, history, **kw)
+
+    def chat_stream(self, tokenizer, query: str, history=None, **kw):
+        """Generator of the response text so far, token by token."""
+        from .chat import chat_stream
+        kw.setdefault("chat_config", self.chat_config)
+        return chat_stream(self, tokenizer, query, history, **kw)
+
     def forward(self, input_ids, pixel_values=None, image_spans=None, attention_mask=None, cache=None):
         """Full forward: ids [B, L] (+ pixel values of the images in span order) -> logits [B, L, V]."""
         if not isinstance(input_ids, paddle.Tensor):
