@@ -9,10 +9,7 @@ engine.py (plan, strict accounting, streaming, atomic rename), writers.py (pdpar
 from .readers import ConvertError  # noqa: F401
 
 
-def convert(src, dst, *, dtype="keep", format="pdparams", max_shard_size="5GB", family=None, overwrite=False,
-            progress=False, log=None):
-    """Convert the upstream checkpoint folder ``src`` into ``dst``; returns a summary dict. Raises ConvertError."""
-    from .engine import check_dst, execute, make_plan
-    check_dst(src, dst, overwrite)
-    plan = make_plan(src, family=family, dtype=dtype, fmt=format, max_shard_size=max_shard_size)
-    return execute(plan, dst, overwrite=overwrite, progress=progress, log=log or (lambda m: None))
+def convert(src, dst, **kw):
+    """See convert.engine.convert."""
+    from .engine import convert as _convert
+    return _convert(src, dst, **kw)

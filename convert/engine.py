@@ -370,3 +370,12 @@ def _convert_one(plan: Plan, item: Item, shard_for, io: IOThread) -> None:
             raise ConvertError(f"internal: {info.key} -> {o.name}: op gave {list(a.shape)}, planned {list(o.shape)}")
         shard_for(o.name).add(o.name, a, d, o.dtype, o.shape, release=reader.release)
     io.call(lambda: reader.release(arr))   # the whole source tensor, once its last bytes are written
+
+
+def convert(src: str, dst: str, *, dtype: str = "keep", format: str = "pdparams", max_shard_size="5GB",
+            family: Optional[str] = None, overwrite: bool = False, progress: bool = True, log=None) -> dict:
+    """Convert the upstream checkpoint folder ``src`` into ``dst`` (what `paddlevl convert` does); returns a summary
+    dict. Raises ConvertError (nothing written) when the checkpoint does not convert exactly."""
+    check_dst(src, dst, overwrite)
+    plan = make_plan(src, family=family, dtype=dtype, fmt=format, max_shard_size=max_shard_size)
+    return execute(plan, dst, overwrite=overwrite, progress=progress, log=log or (lambda m: None))
