@@ -81,6 +81,12 @@ def parse_size(text) -> int:
 
 
 # --------------------------------------------------------------------------------------------------- model shapes
+def config_for(config: dict, folder: str) -> dict:
+    """The config dict handed to a family's parse_config / rules: ``_name_or_path`` = the folder it was read from
+    (what transformers sets), so a family can find files next to it (e.g. IXC2.5's CLIP sub-folder config)."""
+    return dict(config, _name_or_path=os.path.abspath(folder))
+
+
 def declared_shapes(family, config: dict) -> dict:
     """{name: shape} of every entry of the family model's state_dict, built with no memory (paddle.LazyGuard)."""
     import paddle
@@ -114,12 +120,13 @@ def make_plan(src: str, family: Optional[str] = None, dtype: str = "keep", fmt: 
     source = open_source(src)
     try:
         keys = source.keys()
+        config = config_for(source.config, source.folder)
         try:
-            fam = registry.get(family) if family else registry.detect_family(source.config, keys)
+            fam = registry.get(family) if family else registry.detect_family(config, keys)
         except (KeyError, registry.UnknownModelError) as e:
             raise ConvertError(f"{source.folder}/config.json: {e.args[0] if e.args else e}") from None
         try:
-            rules = list(fam.rules(source.config, keys))
+            rules = list(fam.rules(config, keys))
         except (OpError, ValueError, KeyError, TypeError) as e:
             raise ConvertError(f"family {fam.name}: its rule table failed for this config "
                                f"({type(e).__name__}: {e})") from None
@@ -155,7 +162,7 @@ def make_plan(src: str, family: Optional[str] = None, dtype: str = "keep", fmt: 
                 produced.setdefault(name, []).append((key, tuple(shape)))
             plan.items.append(item)
         if declared is None:
-            declared = declared_shapes(fam, source.config)
+            declared = declared_shapes(fam, config)
         twice = [f"{n} (from {', '.join(k for k, _ in v)})" for n, v in produced.items() if len(v) > 1]
         unexpected = [f"{n} (from {v[0][0]})" for n, v in produced.items() if n not in declared]
         missing = [n for n in declared if n not in produced]

@@ -142,7 +142,8 @@ def load_model(folder: str, dtype: str = "float32", family: Optional[str] = None
         raise CheckpointError(f"dtype must be float32, bfloat16, float16 or float64, got {dtype!r}")
     config = read_config(folder)
     fam = registry.get(family or config["paddlevl"]["family"])
-    cfg = fam.parse_config(config)
+    # `_name_or_path` = the folder (as transformers sets it): a family may read files next to config.json
+    cfg = fam.parse_config(dict(config, _name_or_path=os.path.abspath(folder)))
     prev = paddle.get_default_dtype()
     paddle.set_default_dtype(dtype)
     try:
