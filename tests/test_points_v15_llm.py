@@ -119,3 +119,19 @@ def test_kv_interleave_rule():
     np.testing.assert_array_equal(v, b.reshape(nkv, 2, hd)[:, 1].reshape(-1))
     assert rule.target_names(rule.match(key)) == ["llm.model.layers.2.self_attn.k_proj.bias",
                                                   "llm.model.layers.2.self_attn.v_proj.bias"]
+
+
+def test_tied_head():
+    from convert.rules.points import llm_rules
+
+    cfg = PointsLLMConfig.from_dict({**LLM, "tie_word_embeddings": True})
+    model = PointsLLM(cfg)
+    assert "lm_head.weight" not in model.state_dict()
+    h = paddle.to_tensor(np.random.default_rng(3).standard_normal((1, 2, cfg.hidden_size)).astype(np.float32))
+    want = h.numpy() @ model.model.embed_tokens.weight.numpy().T
+    np.testing.assert_allclose(model.logits(h).numpy(), want, rtol=1e-5, atol=1e-5)
+    key = "llm.embed_out.weight"
+    rule = next(r for r in llm_rules({**LLM, "tie_word_embeddings": True}, [key]) if r.match(key))
+    assert rule.targets == () and "tied" in rule.op.reason
+    rule = next(r for r in llm_rules(LLM, [key]) if r.match(key))
+    assert rule.targets == ("llm.lm_head.weight",)

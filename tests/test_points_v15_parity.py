@@ -171,3 +171,21 @@ def test_golden_with_query_chunked_vision_attention(tmp_path, monkeypatch):
     monkeypatch.setattr(m, "SCORE_BUDGET", 2 * 60 * 16)  # chunks of 16 queries (2 heads, 60-patch image)
     rows, outputs = run_golden(FIX, rtol=RTOL, workdir=str(tmp_path), out=None)
     _check(rows, outputs, _expected_names(FIX))
+
+
+def test_golden_accepts_per_image_input_arrays(tmp_path):
+    """Fixtures may store one array per image (pixel_values_0, image_grid_thw_0, ...)."""
+    dst = tmp_path / "fx"
+    shutil.copytree(FIX, dst, ignore=shutil.ignore_patterns("fullsize_*", "*_tokenizer_golden.json"))
+    with np.load(os.path.join(FIX, "inputs.npz")) as z:
+        arrays = {k: z[k] for k in z.files}
+    grid = arrays.pop("image_grid_thw")
+    pixels = arrays.pop("pixel_values")
+    start = 0
+    for k, (t, h, w) in enumerate(grid.tolist()):
+        arrays[f"pixel_values_{k}"] = pixels[start:start + t * h * w]
+        arrays[f"image_grid_thw_{k}"] = grid[k:k + 1]
+        start += t * h * w
+    np.savez(dst / "inputs.npz", **arrays)
+    rows, outputs = run_golden(str(dst), rtol=RTOL, workdir=str(tmp_path), out=None)
+    _check(rows, outputs, _expected_names(FIX))

@@ -59,7 +59,7 @@ def llm_rules(llm_config: dict, source_keys=()) -> list:
 
     c = PointsLLMConfig.from_dict(llm_config)
     if detect_llm_layout(llm_config, source_keys) == "qwen2":
-        return _qwen2_llm_rules()
+        return _qwen2_llm_rules(c.tie_word_embeddings)
     hd, kv, heads, ffn = c.head_dim, c.num_kv_heads, c.num_heads, c.ffn_hidden_size
     a, t = CUSTOM_LAYER + r"\.attention\.", T_LAYER + ".self_attn."
     m, tm = CUSTOM_LAYER + r"\.mlp\.", T_LAYER + ".mlp."
@@ -85,11 +85,17 @@ def llm_rules(llm_config: dict, source_keys=()) -> list:
         Rule(m + r"dense_4h_to_h\.bias", tm + "down_proj.bias", keep()),
         Rule(CUSTOM_LAYER + r"\.(input_layernorm|post_attention_layernorm)\.weight", T_LAYER + ".{2}.weight", keep()),
         Rule(r"llm\.lm\.final_layer_norm\.weight", "llm.model.norm.weight", keep()),
-        Rule(r"llm\.embed_out\.weight", "llm.lm_head.weight", transpose()),
+        _head_rule(r"llm\.embed_out\.weight", c.tie_word_embeddings),
     ]
 
 
-def _qwen2_llm_rules() -> list:
+def _head_rule(pattern: str, tied: bool):
+    if tied:  # the model reads the input embedding; a saved copy of the tied head is redundant
+        return Rule(pattern, (), drop("output head tied to the input embedding (tie_word_embeddings)"))
+    return Rule(pattern, "llm.lm_head.weight", transpose())
+
+
+def _qwen2_llm_rules(tied: bool) -> list:
     lin = r"(self_attn\.(?:q|k|v|o)_proj|mlp\.(?:gate|up|down)_proj)"
     return [
         Rule(r"llm\.model\.embed_tokens\.weight", "llm.model.embed_tokens.weight", keep()),
@@ -98,7 +104,7 @@ def _qwen2_llm_rules() -> list:
         Rule(QWEN2_LAYER + r"\.(input_layernorm|post_attention_layernorm)\.weight", T_LAYER + ".{2}.weight", keep()),
         Rule(QWEN2_LAYER + r"\.self_attn\.rotary_emb\.inv_freq", (), drop("rotary buffer, recomputed from rope_theta")),
         Rule(r"llm\.model\.norm\.weight", "llm.model.norm.weight", keep()),
-        Rule(r"llm\.lm_head\.weight", "llm.lm_head.weight", transpose()),
+        _head_rule(r"llm\.lm_head\.weight", tied),
     ]
 
 

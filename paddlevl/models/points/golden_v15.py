@@ -30,16 +30,29 @@ def _special_ids(fixture_dir, inputs) -> tuple[int, int]:
     return tok.convert_tokens_to_ids(IMAGE_PAD), tok.convert_tokens_to_ids(IM_END)
 
 
+def _per_image(inputs: dict, name: str) -> np.ndarray:
+    """inputs[name], or the per-image arrays name_0, name_1, ... concatenated in order."""
+    if name in inputs:
+        return np.asarray(inputs[name])
+    parts, k = [], 0
+    while f"{name}_{k}" in inputs:
+        parts.append(np.asarray(inputs[f"{name}_{k}"]))
+        k += 1
+    if not parts:
+        raise KeyError(f"inputs.npz has neither {name} nor {name}_0, {name}_1, ...")
+    return np.concatenate(parts, axis=0)
+
+
 def golden(model, fixture_dir, inputs: dict) -> dict:
     image_token_id, eos_id = _special_ids(fixture_dir, inputs)
     gen = _fixture_generation(fixture_dir)
     ids = np.asarray(inputs["input_ids"], dtype=np.int64)
     mask = np.asarray(inputs.get("attention_mask", np.ones_like(ids)), dtype=np.int64)
-    grid = np.asarray(inputs["image_grid_thw"], dtype=np.int64).reshape(-1, 3)
+    grid = _per_image(inputs, "image_grid_thw").astype(np.int64).reshape(-1, 3)
     out = {}
     with paddle.no_grad():
         dtype = model.vision_encoder.patch_embed.proj.weight.dtype
-        pixels = paddle.to_tensor(np.asarray(inputs["pixel_values"], dtype=np.float32)).astype(dtype)
+        pixels = paddle.to_tensor(_per_image(inputs, "pixel_values").astype(np.float32)).astype(dtype)
         tower, patch = model.vision_encoder(pixels, grid, return_patch_embed=True)
         image_embeds = model.vision_projector(tower)
         embeds = model.inputs_embeds(ids, image_embeds, grid, image_token_id)
