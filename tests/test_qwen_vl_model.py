@@ -283,3 +283,30 @@ def test_model_chat_method(model, tok, folder):
     assert [t[0] for t in h] == [q1, "框出图中公交车的位置"] and h[1][1] == r2
     texts = list(model.chat_stream(tok, "hi", h, base_dir=FIX, do_sample=False, max_new_tokens=2))
     assert 1 <= len(texts) <= 2
+
+
+def test_additive_mask_as_upstream():
+    from paddlevl.models.qwen_vl.modeling import additive_mask
+
+    am = paddle.to_tensor(np.array([[0, 0, 1], [1, 1, 1]], np.int64))
+    m = additive_mask(am, 3).numpy()
+    lo = np.finfo(np.float32).min
+    assert m.shape == (2, 1, 3, 3)
+    # a padding query row: -inf only where a key is both padding and in the future, finfo.min elsewhere
+    assert m[0, 0, 0, 0] == lo and np.isneginf(m[0, 0, 0, 1]) and m[0, 0, 0, 2] == lo
+    assert m[0, 0, 2].tolist() == [lo, lo, 0] and m[1, 0, 1].tolist() == [0, 0, lo]
+    step = additive_mask(am, 1).numpy()  # one query: padding mask only
+    assert step.shape == (2, 1, 1, 3) and step[0, 0, 0].tolist() == [lo, lo, 0] and step[1].max() == 0
+
+
+def test_left_padding_masks_pad_tokens(model, inputs):
+    """Real-token logits of a left-padded row do not depend on what sits in the padding (positions and the NTK
+    alpha come from the padded length, as upstream)."""
+    ids = inputs["text_only_input_ids"][0]
+    rows = np.stack([np.concatenate([[7, 7, 7], ids]), np.concatenate([[99, 5, 3], ids])])
+    mask = np.ones_like(rows)
+    mask[:, :3] = 0
+    with paddle.no_grad():
+        out = model.forward_embeds(model.embed(paddle.to_tensor(rows)), paddle.to_tensor(mask)).numpy()
+    assert np.abs(out[0, 3:] - out[1, 3:]).max() <= 1e-5 * np.abs(out).max()
+    assert np.isfinite(out).all()

@@ -30,8 +30,10 @@ import numpy as np
 import paddle
 from paddle import nn
 
-from ...layers import (KVCache, LayerNorm, RMSNorm, SwiGLU, ViTBlock, VisionAttention, apply_rotary, attention,
-                       causal_keep_mask, logn_scale, ntk_scaled_base, qwen_ntk_alpha, rope_cos_sin, rope_inv_freq)
+import paddle.nn.functional as F
+
+from ...layers import (KVCache, LayerNorm, RMSNorm, SwiGLU, ViTBlock, VisionAttention, apply_rotary, logn_scale,
+                       ntk_scaled_base, qwen_ntk_alpha, rope_cos_sin, rope_inv_freq)
 from .config import POS_EMBED_GRID, VISUAL_LN_EPS, QwenVLConfig, QwenVisualConfig
 
 NTK_STATE = "qwen_vl_ntk_alpha"
@@ -148,16 +150,41 @@ class VisionTransformer(nn.Layer):
 
 
 # ---- language model --------------------------------------------------------------------------------------------
+def additive_mask(attention_mask, query_len: int, dtype: str = "float32"):
+    """Upstream's mask: finfo(dtype).min on padded keys ([B, 1, 1, S]) plus, when more than one query, finfo.min on
+    future keys ([1, 1, L, S]); both together give -inf. So a left-padding query row (all keys masked) attends
+    uniformly to every key that is masked only once, exactly as upstream (real rows are unaffected by the choice)."""
+    s = attention_mask.shape[1]
+    neg = paddle.full([], float(paddle.finfo(dtype).min), dtype=dtype)
+    zero = paddle.zeros([], dtype=dtype)
+    mask = paddle.where(attention_mask.unsqueeze(1).unsqueeze(1) == 0, neg, zero)  # [B, 1, 1, S]
+    if query_len > 1:
+        q_pos = paddle.arange(s - query_len, s, dtype="int64").unsqueeze(1)
+        k_pos = paddle.arange(0, s, dtype="int64").unsqueeze(0)
+        mask = mask + paddle.where(k_pos > q_pos, neg, zero).unsqueeze(0).unsqueeze(0)
+    return mask
+
+
+def qwen_attention(q, k, v, mask, head_dim: int):
+    """softmax(q k^T / sqrt(d) + mask) v as upstream computes it (division after the matmul, activation dtype).
+    q [B, L, H, D], k/v [B, S, H, D] -> [B, L, H * D]."""
+    b, l, h, d = q.shape
+    qt, kt, vt = (t.transpose([0, 2, 1, 3]) for t in (q, k, v))
+    scores = paddle.matmul(qt, kt, transpose_y=True) / paddle.full([], math.sqrt(head_dim), dtype=q.dtype)
+    if mask is not None:
+        scores = scores + mask.astype(scores.dtype)
+    probs = F.softmax(scores, axis=-1).astype(v.dtype)
+    return paddle.matmul(probs, vt).transpose([0, 2, 1, 3]).reshape([b, l, h * d])
+
+
 class QWenAttention(nn.Layer):
     def __init__(self, cfg: QwenVLConfig):
         super().__init__()
         self.heads, self.head_dim, self.hidden = cfg.num_attention_heads, cfg.kv_channels, cfg.hidden_size
         self.c_attn = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.c_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias_attr=False if cfg.no_bias else None)
-        # upstream divides the scores by a float32 sqrt(head_dim)
-        self.scale = float(np.float32(1.0) / np.float32(math.sqrt(cfg.kv_channels)))
 
-    def forward(self, x, rope, logn, keep_mask, cache, layer_idx):
+    def forward(self, x, rope, logn, mask, cache, layer_idx):
         b, l, _ = x.shape
         qkv = self.c_attn(x)
         q, k, v = (t.reshape([b, l, self.heads, self.head_dim]) for t in paddle.split(qkv, 3, axis=-1))
@@ -166,7 +193,7 @@ class QWenAttention(nn.Layer):
             k, v = cache.update(layer_idx, k, v)
         if logn is not None:
             q = q * logn.astype(q.dtype)
-        return self.c_proj(attention(q, k, v, keep_mask, scale=self.scale))
+        return self.c_proj(qwen_attention(q, k, v, mask, self.head_dim))
 
 
 class QWenBlock(nn.Layer):
@@ -177,8 +204,8 @@ class QWenBlock(nn.Layer):
         self.ln_2 = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.ffn_size, bias=not cfg.no_bias)  # gate = w2, up = w1
 
-    def forward(self, x, rope, logn, keep_mask, cache, layer_idx):
-        h = x + self.attn(self.ln_1(x), rope, logn, keep_mask, cache, layer_idx)
+    def forward(self, x, rope, logn, mask, cache, layer_idx):
+        h = x + self.attn(self.ln_1(x), rope, logn, mask, cache, layer_idx)
         return h + self.mlp(self.ln_2(h))
 
 
@@ -266,10 +293,10 @@ class QwenVLForCausalLM(nn.Layer):
         logn = None
         if cfg.use_logn_attn and past + l > cfg.seq_length:
             logn = paddle.to_tensor(logn_scale(np.arange(past, past + l), cfg.seq_length).reshape([1, l, 1, 1]))
-        keep = causal_keep_mask(attention_mask, l)
+        mask = additive_mask(attention_mask, l, inputs_embeds.dtype)
         x = inputs_embeds
         for i, block in enumerate(self.transformer.h):
-            x = block(x, rope, logn, keep, cache, i)
+            x = block(x, rope, logn, mask, cache, i)
         return self.transformer.ln_f(x)
 
     # ---- upstream-style chat entry points (model.chat(tokenizer, query, history)) ----------------------------
