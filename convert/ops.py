@@ -1,4 +1,4 @@
-"""The tensor ops a conversion rule may name, and the Rule record itself.
+r"""The tensor ops a conversion rule may name, and the Rule record itself.
 
 A rule table (convert/rules/<family>.py) is data:
 

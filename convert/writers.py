@@ -48,7 +48,8 @@ def cast_words(a: np.ndarray, din: str, dout: str) -> np.ndarray:
     f = bf16_to_f32(a) if din == "bfloat16" else a
     if dout == "bfloat16":
         return f32_to_bf16(f)
-    return f.astype(STORAGE[dout])
+    with np.errstate(over="ignore", invalid="ignore"):   # out of float16 range -> inf, as every library does
+        return f.astype(STORAGE[dout])
 
 
 def out_dtype(din: str, requested: str) -> str:
