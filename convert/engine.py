@@ -138,7 +138,7 @@ def make_plan(src: str, family: Optional[str] = None, dtype: str = "keep", fmt: 
                 unconsumed.append(key)
                 continue
             if len(hits) > 1:
-                multi.append(f"{key} (rules {', '.join(repr(r.pattern) for r, _ in hits)})")
+                multi.append(f"{key} (rules {', '.join(r.pattern for r, _ in hits)})")
                 continue
             rule, m = hits[0]
             item = Item(info, rule)
@@ -147,12 +147,12 @@ def make_plan(src: str, family: Optional[str] = None, dtype: str = "keep", fmt: 
                 dtypes = rule.op.out_dtypes(info.dtype)
                 names = rule.target_names(m)
             except OpError as e:
-                rule_errors.append(f"{key} {list(info.shape)} (rule {rule.pattern!r}, {rule.op.describe()}): {e}")
+                rule_errors.append(f"{key} {list(info.shape)} (rule {rule.pattern}, {rule.op.describe()}): {e}")
                 continue
             if not shapes and not rule.targets:
                 item.drop_reason = getattr(rule.op, "reason", None) or rule.op.describe()
             elif len(names) != len(shapes):
-                rule_errors.append(f"{key}: rule {rule.pattern!r} names {len(names)} target(s) but "
+                rule_errors.append(f"{key}: rule {rule.pattern} names {len(names)} target(s) but "
                                    f"{rule.op.describe()} gives {len(shapes)} output(s)")
                 continue
             for name, shape, d in zip(names, shapes, dtypes):
