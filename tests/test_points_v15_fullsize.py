@@ -4,8 +4,6 @@ with its declared shape (the converter's plan-time checks, run on the release ma
 import json
 import os
 
-import pytest
-
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "points_v15")
 with open(os.path.join(FIX, "fullsize_points_v15.json"), encoding="utf-8") as _f:
     MANIFEST = json.load(_f)

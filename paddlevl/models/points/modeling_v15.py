@@ -74,7 +74,8 @@ class POINTSV15Config:
             raise KeyError("POINTS-1.5 config.json needs 'llm_config' and 'vision_config'")
         cfg = cls(llm=PointsLLMConfig.from_dict(d["llm_config"]), vision=NaViTConfig.from_dict(d["vision_config"]))
         if cfg.vision.embed_dim % cfg.vision.num_heads:
-            raise ValueError(f"vision embed_dim {cfg.vision.embed_dim} not divisible by num_heads {cfg.vision.num_heads}")
+            raise ValueError(f"vision embed_dim {cfg.vision.embed_dim} is not divisible by "
+                             f"num_heads {cfg.vision.num_heads}")
         return cfg
 
     @property
