@@ -310,3 +310,14 @@ def test_left_padding_masks_pad_tokens(model, inputs):
         out = model.forward_embeds(model.embed(paddle.to_tensor(rows)), paddle.to_tensor(mask)).numpy()
     assert np.abs(out[0, 3:] - out[1, 3:]).max() <= 1e-5 * np.abs(out).max()
     assert np.isfinite(out).all()
+
+
+def test_session_streaming_matches_chat(model, tok, folder, expected):
+    from paddlevl.models.qwen_vl.chat import QwenVLChatSession
+
+    session = QwenVLChatSession(folder, model, base_dir=FIX, do_sample=False, max_new_tokens=8)
+    seen = []
+    out = session.ask("What is the red shape in this picture?", images=["inputs/image1.png"], stream=seen.append)
+    assert out["result"] == MANIFEST["inputs"]["greedy_response_text (model.chat)"]
+    ids = expected["greedy_ids"][0].tolist()
+    assert seen == [tok.decode(ids[:k + 1], skip_special_tokens=True, errors="ignore") for k in range(len(ids))]

@@ -106,10 +106,11 @@ def generate_ids(model, tokenizer, context_ids: list[int], gen: GenerationConfig
 def chat(model, tokenizer, query: str, history: Optional[list] = None, system: str = DEFAULT_SYSTEM,
          append_history: bool = True, stop_words_ids_extra: Optional[list] = None,
          chat_config: Optional[ChatConfig] = None, base_dir: Optional[str] = None,
-         logits_processors: Sequence[Callable] = (), **generation):
+         logits_processors: Sequence[Callable] = (), stream: Optional[Callable[[str], None]] = None, **generation):
     """One turn: returns (response, history). `generation` overrides GenerationConfig fields
     (max_new_tokens, do_sample, top_p, top_k, temperature, repetition_penalty, seed); logits_processors are
-    callables (generated rows, logits [B, V]) -> logits."""
+    callables (generated rows, logits [B, V]) -> logits; `stream(text)` is called after every token with the
+    text so far (specials skipped, as chat_stream yields it)."""
     cc = chat_config or ChatConfig()
     if cc.chat_format != "chatml":
         raise ValueError(f"chat needs a chatml chat model (generation_config chat_format is {cc.chat_format!r})")
@@ -118,7 +119,15 @@ def chat(model, tokenizer, query: str, history: Optional[list] = None, system: s
     raw_text, context = make_context(tokenizer, query, history, system, max_window, cc.chat_format)
     stops = list(stop_words_ids_extra or []) + list(cc.stop_words_ids) + stop_words_ids(tokenizer, cc.chat_format)
     gen = cc.generation(tokenizer, **generation)
-    new_ids = generate_ids(model, tokenizer, context, gen, stops, base_dir, logits_processors=logits_processors)
+    callback = None
+    if stream is not None:
+        so_far: list[int] = []
+
+        def callback(ids):
+            so_far.append(int(ids[0]))
+            stream(tokenizer.decode(so_far, skip_special_tokens=True, errors="ignore"))
+    new_ids = generate_ids(model, tokenizer, context, gen, stops, base_dir, callback=callback,
+                           logits_processors=logits_processors)
     response = decode_response(context + new_ids, tokenizer, len(raw_text), len(context), cc.chat_format)
     if append_history:
         history.append((query, response))
@@ -200,16 +209,8 @@ class QwenVLChatSession:
 
         query = self.build_query(prompt, images)
         kw = {**self.generation, **generation}
-        if stream is not None:
-            text = ""
-            for text in chat_stream(self.model, self.tokenizer, query, self.history, self.system,
-                                    self.chat_config, self.base_dir, **kw):
-                stream(text)
-            response = text.strip()
-            self.history.append((query, response))
-        else:
-            response, self.history = chat(self.model, self.tokenizer, query, self.history, self.system,
-                                          chat_config=self.chat_config, base_dir=self.base_dir, **kw)
+        response, self.history = chat(self.model, self.tokenizer, query, self.history, self.system,
+                                      chat_config=self.chat_config, base_dir=self.base_dir, stream=stream, **kw)
         picture = None
         if self.draw_boxes:
             try:
