@@ -16,6 +16,7 @@ import glob
 import json
 import mmap
 import os
+import pickle
 import struct
 import sys
 from dataclasses import dataclass, field
@@ -262,9 +263,126 @@ class TorchBinFile(_Mapped):
         self.lo = self.hi = 0
 
 
+# --------------------------------------------------------------------------------------------------- .pdparams
+class _Data:
+    """Where a pickled bytes object's payload lies in the file (it is never read by the unpickler)."""
+    __slots__ = ("offset", "length")
+
+    def __init__(self, offset, length):
+        self.offset, self.length = offset, length
+
+
+class _ArrayStub:
+    """Stands in for numpy's _reconstruct(ndarray, ...) result; BUILD hands it the ndarray state."""
+    __slots__ = ("state",)
+
+    def __init__(self, *args):
+        self.state = None
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _PdparamsUnpickler(pickle._Unpickler):
+    """Reads a .pdparams (a pickle of {name: ndarray}) without reading the arrays: large byte strings become file
+    offsets. Only numpy's array/dtype reconstruction is allowed; any other global is refused (no code runs)."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+    SAFE = {("numpy", "dtype"): np.dtype, ("collections", "OrderedDict"): dict}
+    STUB = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray")}
+
+    def __init__(self, f, path):
+        super().__init__(f)
+        self._f, self._path = f, path
+
+    def find_class(self, module, name):
+        if (module, name) in self.STUB:
+            return _ArrayStub
+        if (module, name) in self.SAFE:
+            return self.SAFE[(module, name)]
+        raise ConvertError(f"{self._path}: refused: the pickle asks for {module}.{name}; a .pdparams holds only "
+                           f"arrays (loading it could run code)")
+
+    def _bytes(self, n):
+        fr = self._unframer.current_frame
+        if fr is not None and fr.tell() < len(fr.getbuffer()):   # inside a protocol-4 frame: small, read it
+            self.append(self.read(n))
+            return
+        pos = self._f.tell()
+        self._f.seek(n, 1)
+        self.append(_Data(pos, n))
+
+    def load_binbytes(self):
+        (n,) = struct.unpack("<I", self.read(4))
+        self._bytes(n)
+
+    def load_binbytes8(self):
+        (n,) = struct.unpack("<Q", self.read(8))
+        self._bytes(n)
+
+    dispatch[pickle.BINBYTES[0]] = load_binbytes
+    dispatch[pickle.BINBYTES8[0]] = load_binbytes8
+
+
+class PdparamsFile(_Mapped):
+    """A .pdparams shard (ours or paddle.save's dict of arrays), memory-mapped; uint16 arrays are bfloat16."""
+
+    def __init__(self, path: str):
+        self.path = path
+        size = os.path.getsize(path)
+        try:
+            with open(path, "rb") as f:
+                obj = _PdparamsUnpickler(f, path).load()
+        except ConvertError:
+            raise
+        except Exception as e:  # noqa: BLE001 - truncated / not a pickle
+            raise ConvertError(f"{path}: not a readable .pdparams (truncated or corrupt?): "
+                               f"{type(e).__name__}: {e}") from None
+        if not isinstance(obj, dict):
+            raise ConvertError(f"{path}: expected a dict of arrays, got {type(obj).__name__}")
+        self.infos, self._small, self._order = {}, {}, {}
+        for key, v in obj.items():
+            if isinstance(v, dict) and key == "StructuredToParameterName@@":   # paddle.save's name table
+                continue
+            try:
+                _, shape, dt, fortran, data = v.state
+                shape, dt = tuple(int(x) for x in shape), np.dtype(dt)
+            except (AttributeError, TypeError, ValueError):
+                raise ConvertError(f"{path}: entry {key!r} is not a plain array") from None
+            name = "bfloat16" if dt == np.uint16 else dt.name
+            if name not in STORAGE or not (dt.isnative or dt.itemsize == 1):
+                raise ConvertError(f"{path}: entry {key!r} has dtype {dt}, which is not supported")
+            info = TensorInfo(key, name, shape, path, data.offset if isinstance(data, _Data) else 0)
+            n = data.length if isinstance(data, _Data) else len(data)
+            if n != info.nbytes or (isinstance(data, _Data) and data.offset + n > size):
+                raise ConvertError(f"{path}: entry {key!r} {list(shape)} {name} needs {info.nbytes} bytes, "
+                                   f"the file has {n if not isinstance(data, _Data) else size - data.offset}")
+            if not isinstance(data, _Data):
+                self._small[key] = bytes(data)
+            self._order[key] = bool(fortran)
+            self.infos[key] = info
+        self._mm = self._buf = None
+
+    _map = SafetensorsFile._map
+
+    def get(self, key: str) -> np.ndarray:
+        info = self.infos[key]
+        dt = STORAGE[info.dtype]
+        if key in self._small or info.nbytes == 0:
+            raw = np.frombuffer(self._small.get(key, b""), dtype=dt)
+        else:
+            raw = self._map()[info.offset:info.offset + info.nbytes].view(dt)
+        return raw.reshape(info.shape, order="F" if self._order[key] else "C")
+
+    close = SafetensorsFile.close
+
+
 def open_file(path: str):
     if path.endswith(".safetensors"):
         return SafetensorsFile(path)
+    if path.endswith(".pdparams"):
+        return PdparamsFile(path)
     return TorchBinFile(path)
 
 

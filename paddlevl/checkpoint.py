@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from typing import Iterator, Optional
 
 import numpy as np
@@ -41,19 +40,6 @@ def read_config(folder: str) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------- weight files
-class _ArraysOnly(pickle.Unpickler):
-    """A .pdparams is a pickle of {name: ndarray}; anything else in it (code) is refused."""
-
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict"),
-               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise CheckpointError(f"{self.path}: refused: the pickle asks for {module}.{name}, not plain arrays")
-        return super().find_class(module, name)
-
-
 def _weight_files(folder: str):
     """-> (format, [file names]) of the weights in a converted folder."""
     for fmt, index, single in (("pdparams", PDPARAMS_INDEX, "model_state.pdparams"),
@@ -76,39 +62,22 @@ def _weight_files(folder: str):
 def iter_weights(folder: str) -> Iterator:
     """Yield ``(name, words, dtype)`` for every stored tensor: ``words`` is a numpy array of raw storage words
     (bfloat16 as uint16, the Paddle convention), ``dtype`` the logical dtype name."""
+    from convert.readers import ConvertError, PdparamsFile, SafetensorsFile
+
     fmt, files = _weight_files(folder)
     for fn in files:
         path = os.path.join(folder, fn)
-        if fmt == "pdparams":
-            with open(path, "rb") as f:
-                up = _ArraysOnly(f)
-                up.path = path
-                try:
-                    state = up.load()
-                except CheckpointError:
-                    raise
-                except Exception as e:  # noqa: BLE001 - truncated / corrupt file
-                    raise CheckpointError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
-            if not isinstance(state, dict):
-                raise CheckpointError(f"{path}: not a dict of arrays")
-            for name in list(state):
-                arr = state.pop(name)
-                if not isinstance(arr, np.ndarray):   # paddle.save's "StructuredToParameterName@@" table
-                    continue
-                yield name, arr, "bfloat16" if arr.dtype == np.uint16 else arr.dtype.name
-        else:
-            from convert.readers import ConvertError, SafetensorsFile
-            try:
-                r = SafetensorsFile(path)
-            except ConvertError as e:
-                raise CheckpointError(str(e)) from None
-            try:
-                for name, info in sorted(r.infos.items(), key=lambda kv: kv[1].offset):
-                    arr = r.get(name)
-                    yield name, arr, info.dtype
-                    r.release(arr)
-            finally:
-                r.close()
+        try:
+            r = PdparamsFile(path) if fmt == "pdparams" else SafetensorsFile(path)   # memory-mapped, nothing read
+        except ConvertError as e:
+            raise CheckpointError(str(e)) from None
+        try:
+            for name, info in sorted(r.infos.items(), key=lambda kv: kv[1].offset):
+                arr = r.get(name)
+                yield name, arr, info.dtype
+                r.release(arr)
+        finally:
+            r.close()
 
 
 def _words_to(arr: np.ndarray, dtype: str, want: str) -> np.ndarray:

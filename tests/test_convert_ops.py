@@ -204,3 +204,34 @@ def test_pack_shards_greedy():
     assert writers.shard_names("pdparams", 1) == ["model_state.pdparams"]
     assert writers.shard_names("safetensors", 2) == ["model-00001-of-00002.safetensors",
                                                      "model-00002-of-00002.safetensors"]
+
+
+def test_pdparams_reader_maps_paddle_save_files_and_refuses_code(tmp_path):
+    import paddle
+    from convert.readers import ConvertError, PdparamsFile
+    a = words((300, 70))                                     # > 64 KB: stored outside pickle frames
+    state = {"w": paddle.to_tensor(a.view(np.uint16)), "b": paddle.to_tensor(np.arange(5, dtype=np.float32)),
+             "i": paddle.to_tensor(np.array([3, 4], np.int64))}
+    path = str(tmp_path / "saved.pdparams")
+    paddle.save(state, path)
+    r = PdparamsFile(path)
+    try:
+        assert {k: i.dtype for k, i in r.infos.items()} == {"w": "bfloat16", "b": "float32", "i": "int64"}
+        assert same_words(r.get("w"), a) and same_words(r.get("b"), np.arange(5, dtype=np.float32))
+        assert r.get("i").tolist() == [3, 4]
+    finally:
+        r.close()
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo PWNED",))
+    bad = str(tmp_path / "evil.pdparams")
+    with open(bad, "wb") as f:
+        pickle.dump({"w": np.zeros(2, np.float32), "x": Evil()}, f, protocol=4)
+    with pytest.raises(ConvertError, match="refused: the pickle asks for (posix|os).system"):
+        PdparamsFile(bad)
+    with open(bad, "wb") as f:
+        f.write(open(path, "rb").read()[:200])
+    with pytest.raises(ConvertError, match="truncated or corrupt"):
+        PdparamsFile(bad)
+
