@@ -162,3 +162,12 @@ def test_not_an_image_and_missing_file(tmp_path):
 def test_prompt_with_image_token_is_refused():
     with pytest.raises(ValueError, match="image_pad"):
         _processor()(Image.new("RGB", (336, 336)), "look <|image_pad|> here")
+
+
+def test_image_over_the_pixel_limit_is_refused(tmp_path, monkeypatch):
+    """PIL's decompression-bomb guard (2x Image.MAX_IMAGE_PIXELS) surfaces as a clear error naming the file."""
+    path = tmp_path / "big.png"
+    Image.new("RGB", (100, 100)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ValueError, match="big.png"):
+        load_image(str(path))
