@@ -61,10 +61,10 @@ def _embeds(model, ids: np.ndarray, crops, tokenizer, image_processor):
 def chat(model, image, prompt: str, tokenizer, image_processor: CLIPImageProcessor, catty: bool = True,
          generation_config=None, max_splits: int = 8, return_ids: bool = False):
     """One image + one prompt -> the response text (upstream POINTSChatModel.chat)."""
+    _check_user_text(tokenizer, prompt)
     image = load_image(image)
     crops = crop_image(image, model.config.image_size, catty=catty, max_splits=max_splits)
     text = build_prompt(prompt, len(crops), model.config.tokens_per_crop)
-    _check_user_text(tokenizer, prompt)
     ids = np.asarray([tokenizer.encode(text)], dtype=np.int64)
     embeds = _embeds(model, ids, crops, tokenizer, image_processor)
     cfg = generation_config_from(generation_config, tokenizer.convert_tokens_to_ids(END_TOKEN))
