@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
+import random
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -43,6 +44,7 @@ def run(args, lines=None, out=sys.stdout) -> list:
     import paddle
 
     paddle.seed(args.seed)
+    random.seed(args.seed)  # grounding colours
     family, session = open_session(args.model, args.dtype)
     can_stream = "stream" in inspect.signature(session.ask).parameters
     images = list(args.image)

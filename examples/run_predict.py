@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def predict(args) -> dict:
+def predict(args, logits_processors=()) -> dict:
+    """Run one prediction; `logits_processors` (programmatic use) are passed to the decode loop."""
     import paddle
 
     from paddlevl.checkpoint import load_model
@@ -53,6 +55,7 @@ def predict(args) -> dict:
     if args.prompt is None and args.input_image is None:
         raise SystemExit("run_predict: give --prompt and/or --input_image")
     paddle.seed(args.seed)
+    random.seed(args.seed)  # the grounding colours (upstream picks them with random.choice)
     folder = args.model_name_or_path
     tokenizer = QWenTokenizer.from_pretrained(folder)
     model = load_model(folder, dtype=args.dtype)
@@ -67,10 +70,12 @@ def predict(args) -> dict:
     if args.greedy:
         gen["do_sample"] = False
     if cc.chat_format == "chatml":
-        response, history = chat(model, tokenizer, query, [], DEFAULT_SYSTEM, chat_config=cc, **gen)
+        response, history = chat(model, tokenizer, query, [], DEFAULT_SYSTEM, chat_config=cc,
+                                 logits_processors=logits_processors, **gen)
     else:  # base model: the raw prompt, stop at "Human:" / eos
         ids = tokenizer.encode(query)
-        new = generate_ids(model, tokenizer, ids, cc.generation(tokenizer, **gen), stop_words_ids(tokenizer, "raw"))
+        new = generate_ids(model, tokenizer, ids, cc.generation(tokenizer, **gen), stop_words_ids(tokenizer, "raw"),
+                           logits_processors=logits_processors)
         response = tokenizer.decode([t for t in new if t != tokenizer.eod_id])
         history = [(query, response)]
     print("response:", response)

@@ -249,15 +249,27 @@ def test_appflow(folder, tmp_path, monkeypatch):
 
 def test_run_predict_example(folder, tmp_path, monkeypatch, capsys):
     rp = _example("run_predict")
-
     _bus_picture(tmp_path / "bus.png")
     monkeypatch.chdir(tmp_path)
-    res = rp.predict(rp.build_parser().parse_args([
-        "--model_name_or_path", folder, "--input_image", "bus.png", "--prompt", "Generate the caption with grounding:",
-        "--dtype", "float32", "--seed", "7", "--output_dir", str(tmp_path / "out"), "--max_new_tokens", "4",
-        "--greedy"]))
+    argv = ["--model_name_or_path", folder, "--input_image", "bus.png", "--prompt",
+            "Generate the caption in English with grounding:", "--dtype", "float32", "--seed", "7",
+            "--output_dir", str(tmp_path / "out"), "--max_new_tokens", "4", "--greedy"]
+    res = rp.predict(rp.build_parser().parse_args(argv))
     assert "response:" in capsys.readouterr().out
-    assert isinstance(res["response"], str)
+    assert isinstance(res["response"], str) and res["picture"] is None
+    # a grounded answer (forced through the decode loop: the tiny model cannot ground) saves OUTPUT_DIR/pred.jpg
+    tok = QWenTokenizer.from_pretrained(folder)
+    answer = "A <ref>bus</ref><box>(100,100),(900,900)</box>"
+    argv[argv.index("--max_new_tokens") + 1] = "64"
+    res = rp.predict(rp.build_parser().parse_args(argv), logits_processors=[Force(tok.encode(answer) + [tok.im_end_id])])
+    assert res["response"] == answer and res["picture"] == str(tmp_path / "out" / "pred.jpg")
+    pic = Image.open(res["picture"]).convert("RGB")
+    assert pic.size == (300, 200)
+    px = np.asarray(pic).astype(int)
+    x1, y1, x2, y2 = 30, 20, 270, 180  # int(v / 1000 * size), edges over the white background
+    for x, y in ((x1, 100), (x2, 100), (150, y2)):  # jpeg: compare loosely with the white underneath
+        assert np.abs(px[y, x] - 255).sum() > 60, (x, y, px[y, x])
+    assert np.abs(px[10, 150] - 255).sum() < 30 and np.abs(px[190, 150] - 255).sum() < 30  # outside: untouched
 
 
 def test_chat_demo_scripted(folder, tmp_path, monkeypatch):
