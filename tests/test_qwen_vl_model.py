@@ -261,7 +261,8 @@ def test_run_predict_example(folder, tmp_path, monkeypatch, capsys):
     tok = QWenTokenizer.from_pretrained(folder)
     answer = "A <ref>bus</ref><box>(100,100),(900,900)</box>"
     argv[argv.index("--max_new_tokens") + 1] = "64"
-    res = rp.predict(rp.build_parser().parse_args(argv), logits_processors=[Force(tok.encode(answer) + [tok.im_end_id])])
+    forced = Force(tok.encode(answer) + [tok.im_end_id])
+    res = rp.predict(rp.build_parser().parse_args(argv), logits_processors=[forced])
     assert res["response"] == answer and res["picture"] == str(tmp_path / "out" / "pred.jpg")
     pic = Image.open(res["picture"]).convert("RGB")
     assert pic.size == (300, 200)

@@ -57,7 +57,7 @@ def load_image(path: str, base_dir: str | None = None, timeout: float = 10.0) ->
 
 
 def image_transform(image: Image.Image, image_size: int) -> np.ndarray:
-    """RGB PIL image -> float32 [3, S, S]: bicubic resize, /255, normalise (== torchvision Resize/ToTensor/Normalize)."""
+    """RGB PIL image -> float32 [3, S, S]: bicubic resize, /255, normalise (torchvision Resize/ToTensor/Normalize)."""
     if image.mode != "RGB":
         image = image.convert("RGB")
     resized = image.resize((image_size, image_size), Image.BICUBIC)
