@@ -164,11 +164,10 @@ def bicubic_resize(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     iy, wy = _bicubic_taps(x.shape[-2], out_h)
     ix, wx = _bicubic_taps(x.shape[-1], out_w)
-    rows = []
-    for i in range(4):
-        xi = x[..., iy[:, i], :]
-        rows.append(_taps_sum([xi[..., ix[:, j]] for j in range(4)], [wx[:, j] for j in range(4)]))
-    return _taps_sum(rows, [wy[:, i][:, None] for i in range(4)])
+    # width pass over every input row once, then the height pass (torch evaluates the width sum per row tap;
+    # each output element sees exactly the same float operations)
+    xw = _taps_sum([x[..., ix[:, j]] for j in range(4)], [wx[:, j] for j in range(4)])
+    return _taps_sum([xw[..., iy[:, i], :] for i in range(4)], [wy[:, i][:, None] for i in range(4)])
 
 
 def tiles_hw(pixel_values: np.ndarray, tile: int = 560) -> Tuple[int, int]:
