@@ -56,6 +56,7 @@ def golden(model, fixture_dir: str, inputs: dict) -> dict:
     proc = StopWordsProcessor(stop_words_ids(tok), tok.eod_id, prompts=ids.tolist())
     res = generate(model, embeds, mask, gen, logits_processors=[proc], return_step_logits=True,
                    penalty_ids=ids.tolist())
-    out["greedy_ids"] = np.asarray(res.sequences, dtype=np.int64)
+    width = max(len(r) for r in res.sequences)  # rows that stopped early are padded as HF generate pads them
+    out["greedy_ids"] = np.asarray([list(r) + [tok.eod_id] * (width - len(r)) for r in res.sequences], dtype=np.int64)
     out["greedy_step_logits"] = np.stack(res.step_logits, axis=1)
     return out
