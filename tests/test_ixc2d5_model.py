@@ -288,3 +288,20 @@ def test_session_and_appflow(folder, model, tok, messages, tmp_path):
         chat_session(folder, model)  # the fixture ships no tokenizer: a clear error, not a crash later
     app = Appflow(app="image2text_generation", models=[folder], tokenizer=tok, **opts)
     assert app(image=img, prompt=q1)["result"] == r1["result"]
+
+    # the example script (seed flags), on the same question
+    import io
+    import shutil
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "examples"))
+    import ixc_chat_demo
+    tdir = tmp_path / "tok"
+    tdir.mkdir()
+    shutil.copy(os.path.join(FIX, "internlm2_tokenizer.model"), tdir / "tokenizer.model")
+    args = ixc_chat_demo.build_parser().parse_args([
+        "--model_name_or_path", folder, "--image_path", img, "--text", q1, "--max_new_tokens", "3",
+        "--repetition_penalty", "1.0", "--tokenizer_path", str(tdir),
+        "--vocab_map", os.path.join(FIX, "tiny_vocab.json")])
+    buf = io.StringIO()
+    assert ixc_chat_demo.run(args, out=buf) == [r1["result"]]
+    assert r1["result"] in buf.getvalue()
