@@ -49,7 +49,7 @@ def predict(args, logits_processors=()) -> dict:
     from paddlevl.checkpoint import load_model
     from paddlevl.grounding import draw_bbox_on_latest_picture
     from paddlevl.models.qwen_vl.chat import ChatConfig, chat, generate_ids
-    from paddlevl.models.qwen_vl.chat_format import DEFAULT_SYSTEM, stop_words_ids
+    from paddlevl.models.qwen_vl.chat_format import DEFAULT_SYSTEM
     from paddlevl.models.qwen_vl.tokenizer import QWenTokenizer
 
     if args.prompt is None and args.input_image is None:
@@ -72,9 +72,9 @@ def predict(args, logits_processors=()) -> dict:
     if cc.chat_format == "chatml":
         response, history = chat(model, tokenizer, query, [], DEFAULT_SYSTEM, chat_config=cc,
                                  logits_processors=logits_processors, **gen)
-    else:  # base model: the raw prompt, stop at "Human:" / eos
+    else:  # base model (Qwen-VL): the raw prompt, the generation config's own stop words, as model.generate does
         ids = tokenizer.encode(query)
-        new = generate_ids(model, tokenizer, ids, cc.generation(tokenizer, **gen), stop_words_ids(tokenizer, "raw"),
+        new = generate_ids(model, tokenizer, ids, cc.generation(tokenizer, **gen), list(cc.stop_words_ids),
                            logits_processors=logits_processors)
         response = tokenizer.decode([t for t in new if t != tokenizer.eod_id])
         history = [(query, response)]

@@ -273,6 +273,27 @@ def test_run_predict_example(folder, tmp_path, monkeypatch, capsys):
     assert np.abs(px[10, 150] - 255).sum() < 30 and np.abs(px[190, 150] - 255).sum() < 30  # outside: untouched
 
 
+def test_run_predict_base_model_raw_prompt(folder, tmp_path, monkeypatch):
+    """A base (non-chat) checkpoint: generation_config chat_format "raw" -> the raw prompt, no chat template."""
+    import shutil
+
+    rp = _example("run_predict")
+    base = tmp_path / "base"
+    shutil.copytree(folder, base)
+    gc = json.load(open(base / "generation_config.json"))
+    gc.update(chat_format="raw", stop_words_ids=[[gc["eos_token_id"]]])
+    json.dump(gc, open(base / "generation_config.json", "w"))
+    _bus_picture(tmp_path / "bus.png")
+    monkeypatch.chdir(tmp_path)
+    tok = QWenTokenizer.from_pretrained(str(base))
+    answer = "<ref>bus</ref><box>(100,100),(900,900)</box>"
+    res = rp.predict(rp.build_parser().parse_args(
+        ["--model_name_or_path", str(base), "--input_image", "bus.png", "--prompt", "Generate the caption:",
+         "--output_dir", str(tmp_path / "out"), "--max_new_tokens", "40", "--greedy"]),
+        logits_processors=[Force(tok.encode(answer) + [tok.eod_id])])
+    assert res["response"] == answer and os.path.isfile(res["picture"])
+
+
 def test_chat_demo_scripted(folder, tmp_path, monkeypatch):
     demo = _example("chat_demo")
 

@@ -171,3 +171,10 @@ def test_grounding_without_picture_or_boxes(tmp_path):
                                                  base_dir=str(tmp_path)) is None
     with pytest.raises(ValueError, match="malformed box"):
         grounding.parse_boxes("<box>(1,2),(3)</box>")
+
+
+def test_call_returns_hf_style_dict(tok):
+    out = tok("Hello world")
+    assert out == {"input_ids": [9707, 1879], "attention_mask": [1, 1]}
+    arr = tok(["Hello world", "Hello there"], return_tensors="np")
+    assert arr["input_ids"].shape == (2, 2) and arr["attention_mask"].sum() == 4

@@ -146,7 +146,24 @@ class QWenTokenizer:
         return replace_closed_tags(ids, (self.img_start_id,), (self.img_end_id,), self._image_span_ids,
                                    lambda run: run)
 
-    __call__ = encode
+    def __call__(self, text: Union[str, Sequence[str]], return_tensors: str | None = None, **kw) -> dict:
+        """HF-style: {"input_ids", "attention_mask"} for one text or a list of equally long encodings
+        (return_tensors "np" / "pd" for arrays)."""
+        texts = [text] if isinstance(text, str) else list(text)
+        ids = [self.encode(t, **kw) for t in texts]
+        out = {"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids]}
+        if return_tensors is None:
+            return {k: v[0] for k, v in out.items()} if isinstance(text, str) else out
+        if len({len(r) for r in ids}) != 1:
+            raise ValueError("texts encode to different lengths; pad them before making tensors")
+        import numpy as np
+        arrays = {k: np.asarray(v, dtype=np.int64) for k, v in out.items()}
+        if return_tensors == "np":
+            return arrays
+        if return_tensors == "pd":
+            import paddle
+            return {k: paddle.to_tensor(v) for k, v in arrays.items()}
+        raise ValueError(f"return_tensors must be None, 'np' or 'pd', got {return_tensors!r}")
 
     def tokenize(self, text: str, **kw) -> list[Union[bytes, str]]:
         """Token surface forms (bytes for BPE pieces, str for specials) of `encode(text)`."""
