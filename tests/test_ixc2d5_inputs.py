@@ -259,3 +259,14 @@ def test_marker_count_mismatch_warns_like_upstream(tok):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         P.interleave(tok, "no marker", [imgs[0]])  # a single image without a marker is the normal case
+
+
+def test_vit_crops_tiles_row_major():
+    rng = np.random.default_rng(11)
+    px = rng.standard_normal((1, 3, 2 * 560, 3 * 560)).astype(np.float32)
+    crops, (h, w) = P.vit_crops(px)
+    assert (h, w) == (2, 3) and crops.shape == (7, 3, 560, 560)
+    for r in range(h):
+        for c in range(w):
+            np.testing.assert_array_equal(crops[1 + r * w + c], px[0, :, r * 560:(r + 1) * 560, c * 560:(c + 1) * 560])
+    np.testing.assert_array_equal(crops[0], P.bicubic_resize(px, 560, 560)[0])

@@ -305,3 +305,27 @@ def test_session_and_appflow(folder, model, tok, messages, tmp_path):
     buf = io.StringIO()
     assert ixc_chat_demo.run(args, out=buf) == [r1["result"]]
     assert r1["result"] in buf.getvalue()
+
+
+@pytest.mark.parametrize("hw", [(2, 3), (3, 1), (1, 1)])
+def test_hd_merge_layout_for_any_tile_grid(model, hw):
+    """The separator / tile re-assembly for tile grids the fixture does not have, against the upstream
+    reshape/permute sequence written out in numpy."""
+    h, w = hw
+    c = model.config.vision.hidden_size
+    g = model.config.vision.image_size // model.config.vision.patch_size
+    s = g // 2
+    rng = np.random.default_rng(h * 10 + w)
+    feats = rng.standard_normal((1 + h * w, g * g, c)).astype(np.float32)
+    sub_gn, glb_gn = model.plora_sub_GN.numpy(), model.plora_glb_GN.numpy()
+
+    glb = feats[:1].reshape(1, s, 2, s, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(1, s, s, 4 * c)
+    glb = np.concatenate([glb, np.tile(sub_gn, (1, s, 1, 1))], axis=2).reshape(1, -1, 4 * c)
+    sub = feats[1:].reshape(h * w, s, 2, s, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(h * w, -1, 4 * c)
+    sub = sub.reshape(1, h, w, s, s, -1).transpose(0, 1, 3, 2, 4, 5).reshape(1, h * s, w * s, 4 * c)
+    sub = np.concatenate([sub, np.tile(sub_gn, (1, h * s, 1, 1))], axis=2).reshape(1, -1, 4 * c)
+    want = np.concatenate([glb, glb_gn, sub], axis=1)
+
+    got = model.merge_hd(paddle.to_tensor(feats), (h, w)).numpy()
+    assert got.shape[1] == P.image_token_count(h, w, s)
+    np.testing.assert_array_equal(got, want)
