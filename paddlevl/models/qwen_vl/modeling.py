@@ -28,9 +28,8 @@ import math
 
 import numpy as np
 import paddle
-from paddle import nn
-
 import paddle.nn.functional as F
+from paddle import nn
 
 from ...layers import (KVCache, LayerNorm, RMSNorm, SwiGLU, ViTBlock, VisionAttention, apply_rotary, logn_scale,
                        ntk_scaled_base, qwen_ntk_alpha, rope_cos_sin, rope_inv_freq)
