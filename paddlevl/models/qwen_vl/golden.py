@@ -12,14 +12,26 @@ import paddle
 
 from ...generation import GenerationConfig, generate
 from .chat import StopWordsProcessor
-from .chat_format import stop_words_ids
 from .processing import find_image_spans
-from .tokenizer import QWenTokenizer
+from .tokenizer import IMAGE_ST, SPECIAL_TOKENS, QWenTokenizer
 
 
 def _spans(input_ids: np.ndarray, image_start_id: int) -> np.ndarray:
     return np.asarray([(r, a, b) for r, row in enumerate(input_ids.tolist())
                        for a, b in find_image_spans(row, image_start_id)], dtype=np.int64).reshape(-1, 3)
+
+
+def _chat_ids(fixture_dir: str, image_start_id: int) -> tuple[int, int, int]:
+    """(<|endoftext|>, <|im_start|>, <|im_end|>) ids: from the fixture's vocabulary when present, else from the
+    config (the special table puts <img> 214 ids after <|endoftext|>)."""
+    src = os.path.join(fixture_dir, "source")
+    if os.path.isfile(os.path.join(src, "qwen.tiktoken")):
+        tok = QWenTokenizer.from_pretrained(src)
+        if tok.img_start_id != image_start_id:
+            raise ValueError(f"fixture vocabulary puts <img> at {tok.img_start_id}, config.json says {image_start_id}")
+        return tok.eod_id, tok.im_start_id, tok.im_end_id
+    eod = image_start_id - (len(SPECIAL_TOKENS) + IMAGE_ST.index("<img>"))
+    return eod, eod + 1, eod + 2
 
 
 def golden(model, fixture_dir: str, inputs: dict) -> dict:
@@ -33,7 +45,7 @@ def golden(model, fixture_dir: str, inputs: dict) -> dict:
         if not np.array_equal(ours, given.reshape(ours.shape) if given.size == ours.size else given):
             raise AssertionError(f"image spans found in the ids {spans.tolist()} differ from inputs.npz "
                                  f"{given.tolist()}")
-    tok = QWenTokenizer.from_pretrained(os.path.join(fixture_dir, "source"))
+    eod, im_start, im_end = _chat_ids(fixture_dir, cfg.visual.image_start_id)
     out = {}
     with paddle.no_grad():
         visual = model.transformer.visual
@@ -52,11 +64,11 @@ def golden(model, fixture_dir: str, inputs: dict) -> dict:
         with np.load(expected) as z:
             if "greedy_ids" in z.files:
                 steps = int(z["greedy_ids"].shape[1])  # only the number of steps is read
-    gen = GenerationConfig(max_new_tokens=steps, do_sample=False, eos_token_ids=(tok.eod_id,), pad_token_id=tok.eod_id)
-    proc = StopWordsProcessor(stop_words_ids(tok), tok.eod_id, prompts=ids.tolist())
+    gen = GenerationConfig(max_new_tokens=steps, do_sample=False, eos_token_ids=(eod,), pad_token_id=eod)
+    proc = StopWordsProcessor([[im_end], [im_start]], eod, prompts=ids.tolist())
     res = generate(model, embeds, mask, gen, logits_processors=[proc], return_step_logits=True,
                    penalty_ids=ids.tolist())
     width = max(len(r) for r in res.sequences)  # rows that stopped early are padded as HF generate pads them
-    out["greedy_ids"] = np.asarray([list(r) + [tok.eod_id] * (width - len(r)) for r in res.sequences], dtype=np.int64)
+    out["greedy_ids"] = np.asarray([list(r) + [eod] * (width - len(r)) for r in res.sequences], dtype=np.int64)
     out["greedy_step_logits"] = np.stack(res.step_logits, axis=1)
     return out
