@@ -56,8 +56,8 @@ def fixture_family(fixture_dir) -> str:
         return json.load(f)["family"]
 
 
-def run_golden(fixture_dir, rtol: float = 1e-4, workdir=None, out=sys.stdout):
-    """Returns (rows, outputs). Prints the table to `out` (None = silent)."""
+def run_golden(fixture_dir, rtol: float = 1e-4, workdir=None, out="stdout"):
+    """Returns (rows, outputs). Prints the table to `out` (a file; "stdout" = sys.stdout now; None = silent)."""
     from convert.engine import convert as convert_checkpoint
 
     from .checkpoint import load_model
@@ -78,6 +78,8 @@ def run_golden(fixture_dir, rtol: float = 1e-4, workdir=None, out=sys.stdout):
         expected = {k: z[k] for k in z.files}
     rows = [compare(k, outputs.get(k), v, rtol) for k, v in expected.items()]
     rows += [Row(k, (), None, None, "MISSING") for k in REQUIRED if k not in expected]
+    if out == "stdout":
+        out = sys.stdout
     if out is not None:
         print_table(family.name, fixture_dir, rows, outputs, expected, rtol, out)
     return rows, outputs
