@@ -188,6 +188,22 @@ def test_swiglu_half(env, dtype, bits):
     assert np.mean(f32(out) == f32(ref)) >= 0.98
 
 
+def test_bfloat16_rounding_and_special_values(env):
+    """The kernels' own float -> bfloat16 rounding is Paddle's: ties to even, NaN, inf, zeros, subnormals."""
+    specials = [np.nan, np.inf, 0.0, -0.0, 1e-40, -3e-39, 3.0e38, 1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8, -2.5]
+    rng = np.random.default_rng(34)
+    vals = np.concatenate([specials, rng.standard_normal(2000) * 10.0 ** rng.integers(-3, 4, 2000)])
+    a = paddle.to_tensor(vals.astype(np.float32)).astype("bfloat16")
+    one = paddle.ones_like(a)
+    out = run_fused(external_ops.swiglu, a, one)
+    np.testing.assert_array_equal(f32(out), f32(external_ops.swiglu_composite(a, one)))
+    # rotary with cos = 1, sin = 0 is the float32 round trip, whose rounding is exercised by x * 3
+    x = paddle.to_tensor(vals[:2000].reshape(1, 50, 4, 10).astype(np.float32)).astype("bfloat16") * 3
+    cos, sin = paddle.ones([1, 50, 10]) * 1.5, paddle.zeros([1, 50, 10])
+    np.testing.assert_array_equal(f32(run_fused(external_ops.apply_rotary, x, cos, sin)),
+                                  f32(external_ops.apply_rotary_composite(x, cos, sin)))
+
+
 # ---------------------------------------------------------------------------------------- the switch
 def test_env_switch(env):
     x, w = rand([2, 9], 40), rand([9], 41)

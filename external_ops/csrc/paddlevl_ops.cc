@@ -2,7 +2,7 @@
 //
 // Each op reproduces the composite Paddle path of paddlevl/layers step by step, including where the
 // composite rounds to the input dtype, so that fused == composite up to the last bit for fp32 (a few
-// ulps where Paddle's vectorised exp/rsqrt differ from libm) and up to one rounding step for bf16/fp16:
+// ulps where exp and rsqrt are computed differently) and up to one rounding step for bf16/fp16:
 //   rms_norm: y = T(x * rsqrt(mean(x^2) + eps)) * w        statistics in fp32
 //   rotary:   y = T(x * cos + rotate_half(x) * sin)         computed in fp32, cos/sin fp32
 //   swiglu:   y = T(silu(a)) * b                            silu in fp32, rounded to T, then the product
@@ -12,6 +12,7 @@
 // CPU kernels live here. When paddle is built with CUDA, external_ops/__init__.py also compiles
 // paddlevl_ops.cu and defines PADDLEVL_WITH_CUDA; GPU tensors are then sent to the launchers there.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -31,32 +32,70 @@ std::vector<paddle::Tensor> SwigluCUDA(const paddle::Tensor& a, const paddle::Te
 namespace {
 
 inline float to_f(float v) { return v; }
-inline float to_f(phi::dtype::bfloat16 v) { return static_cast<float>(v); }
 inline float to_f(phi::dtype::float16 v) { return static_cast<float>(v); }
+// bfloat16 <-> float by hand, bit-identical to phi's CPU conversion (round to nearest even, NaN -> 0x7FFF,
+// zeros and infinities keep their sign) but branch-free, so that loops over bfloat16 vectorise too.
+inline float to_f(phi::dtype::bfloat16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
 
 template <typename T>
 inline T from_f(float v) { return static_cast<T>(v); }
 
+template <>
+inline phi::dtype::bfloat16 from_f<phi::dtype::bfloat16>(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  phi::dtype::bfloat16 out;
+  out.x = static_cast<uint16_t>(v != v ? 0x7FFFu : rounded);
+  return out;
+}
+
 // value rounded to T and read back as float (the composite rounds there)
 template <typename T>
 inline float round_to(float v) { return to_f(from_f<T>(v)); }
+
+// Call f(T{}) with T the C++ type of dtype: float32, bfloat16 or float16 (the dtypes these ops cover).
+template <typename F>
+void dispatch(paddle::DataType dtype, const char* op, F&& f) {
+  switch (dtype) {
+    case paddle::DataType::FLOAT32: f(float{}); break;
+    case paddle::DataType::BFLOAT16: f(phi::dtype::bfloat16{}); break;
+    case paddle::DataType::FLOAT16: f(phi::dtype::float16{}); break;
+    default: PD_THROW("paddlevl_ops: ", op, " supports float32, bfloat16 and float16, not ", dtype);
+  }
+}
 
 void check_cpu_contiguous(const paddle::Tensor& t, const char* name) {
   PVL_CHECK(t.is_cpu(), name, " must be a CPU tensor here");
   PVL_CHECK(t.is_contiguous(), name, " must be contiguous (call .contiguous() first)");
 }
 
-// exp(x) for float: Cephes-style range reduction (x = m ln2 + r) and a degree-6 polynomial for exp(r),
-// written without branches or libm calls so that gcc -O3 vectorises the loops that use it (needs
-// -fno-trapping-math). Within 3 ulp of the exact value on [-87, 88]; inputs outside are clamped
-// (exp(-87.3) ~ 1.2e-38, exp(88.3) ~ 2.2e38), which only matters for silu of |v| > 87 where the
-// result is v or 0 to within 1e-36 anyway.
-inline float exp_poly(float x) {
-  x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
-  const float t = x * 1.44269504088896341f + 0.5f;
-  float m = static_cast<float>(static_cast<int32_t>(t));
-  m = m > t ? m - 1.0f : m;  // floor(t)
-  float r = x - m * 0.693359375f;  // ln2 split in two parts: exact product, then the small correction
+// x86-64 with gcc: compile the hot loops twice, for AVX2 and for the baseline, and pick at load time. With
+// -ffp-contract=off both clones do the same IEEE operations per element (no FMA, no reordering), so results
+// do not depend on the CPU.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define PVL_HOT __attribute__((target_clones("avx2", "default")))
+#else
+#define PVL_HOT
+#endif
+
+// exp(x) for float: Cephes-style range reduction (x = m ln2 + r, |r| <= ln2 / 2) and a degree-6 polynomial
+// for exp(r), within ~2 ulp of the exact value. Branch-free and libm-free so the loops using it vectorise
+// (needs -fno-trapping-math). x is clamped to [-87.3, 89]: below, the result is 0 instead of < 2^-126;
+// above, it is +inf as for the exact value. m comes from the 1.5 * 2^23 rounding trick, and 2^m is applied
+// as 2 * 2^(m-1) so that m = 128 (x just under log(FLT_MAX)) still gives a finite result.
+inline float exp_clamped(float x) {
+  x = x > -87.3f ? x : -87.3f;
+  x = x < 89.0f ? x : 89.0f;
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer kept in the low bits
+  const float k = x * 1.44269504088896341f + shifter;
+  const float m = k - shifter;  // round(x / ln2), in [-126, 128]
+  float r = x - m * 0.693359375f;  // ln2 in two parts: an exact product, then the small correction
   r = r + m * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -65,15 +104,21 @@ inline float exp_poly(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const float y = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(m) + 127) << 23;  // 2^m, m in [-126, 127]
+  int32_t kbits;
+  std::memcpy(&kbits, &k, sizeof(kbits));
+  const int32_t bits = (kbits - 0x4B400000 + 126) << 23;  // 2^(m-1); m = -126 gives 0
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return y * scale;
+  return (y * 2.0f) * scale;
 }
+
+// silu(v) = v / (1 + exp(-v)), the composite's formula: -0 for v < -88.7 where exp(-v) overflows, v for
+// large positive v.
+inline float silu(float v) { return v / (1.0f + exp_clamped(-v)); }
 
 // ---------------------------------------------------------------- rms_norm
 template <typename T>
-void rms_norm_kernel(const T* x, const T* w, T* y, int64_t rows, int64_t d, float eps) {
+PVL_HOT void rms_norm_kernel(const T* x, const T* w, T* y, int64_t rows, int64_t d, float eps) {
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * d;
     T* yr = y + r * d;
@@ -105,9 +150,10 @@ std::vector<paddle::Tensor> RmsNormForward(const paddle::Tensor& x, const paddle
   PVL_CHECK(w.numel() == d, "rms_norm: weight has ", w.numel(), " elements, expected ", d);
   auto y = paddle::empty(shape, x.dtype(), x.place());
   const int64_t rows = d == 0 ? 0 : x.numel() / d;
-  PD_DISPATCH_FLOATING_AND_HALF_TYPES(x.type(), "paddlevl_rms_norm", ([&] {
-    rms_norm_kernel<data_t>(x.data<data_t>(), w.data<data_t>(), y.data<data_t>(), rows, d, eps);
-  }));
+  dispatch(x.dtype(), "rms_norm", [&](auto tag) {
+    using T = decltype(tag);
+    rms_norm_kernel<T>(x.data<T>(), w.data<T>(), y.data<T>(), rows, d, eps);
+  });
   return {y};
 }
 
@@ -115,7 +161,7 @@ std::vector<paddle::Tensor> RmsNormForward(const paddle::Tensor& x, const paddle
 // x [B, L, H, D]; cos, sin fp32 [Bc, L, R] with Bc in {1, B} and R <= D even: the first R features of
 // every head rotate (rotate-half within them), the other D - R pass through unchanged.
 template <typename T>
-void rotary_kernel(const T* x, const float* cs, const float* sn, T* y, int64_t b, int64_t l, int64_t h,
+PVL_HOT void rotary_kernel(const T* x, const float* cs, const float* sn, T* y, int64_t b, int64_t l, int64_t h,
                    int64_t d, int64_t bc, int64_t rot) {
   const int64_t half = rot / 2;
   for (int64_t bi = 0; bi < b; ++bi) {
@@ -159,19 +205,18 @@ std::vector<paddle::Tensor> RotaryForward(const paddle::Tensor& x, const paddle:
   PVL_CHECK((cshape[0] == 1 || cshape[0] == b) && cshape[1] == l,
             "rotary: cos/sin [", cshape[0], ", ", cshape[1], ", R] do not match x [", b, ", ", l, ", H, D]");
   auto y = paddle::empty(xs, x.dtype(), x.place());
-  PD_DISPATCH_FLOATING_AND_HALF_TYPES(x.type(), "paddlevl_rotary", ([&] {
-    rotary_kernel<data_t>(x.data<data_t>(), cos.data<float>(), sin.data<float>(), y.data<data_t>(), b, l,
-                          h, d, cshape[0], rot);
-  }));
+  dispatch(x.dtype(), "rotary", [&](auto tag) {
+    using T = decltype(tag);
+    rotary_kernel<T>(x.data<T>(), cos.data<float>(), sin.data<float>(), y.data<T>(), b, l, h, d, cshape[0], rot);
+  });
   return {y};
 }
 
 // ---------------------------------------------------------------- swiglu
 template <typename T>
-void swiglu_kernel(const T* a, const T* b, T* y, int64_t n) {
+PVL_HOT void swiglu_kernel(const T* __restrict a, const T* __restrict b, T* __restrict y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
-    float v = to_f(a[i]);
-    float s = round_to<T>(v / (1.0f + exp_poly(-v)));
+    const float s = round_to<T>(silu(to_f(a[i])));
     y[i] = from_f<T>(s * to_f(b[i]));
   }
 }
@@ -185,9 +230,10 @@ std::vector<paddle::Tensor> SwigluForward(const paddle::Tensor& a, const paddle:
   PVL_CHECK(a.dtype() == b.dtype(), "swiglu: a and b dtypes differ");
   PVL_CHECK(a.shape() == b.shape(), "swiglu: a and b shapes differ");
   auto y = paddle::empty(a.shape(), a.dtype(), a.place());
-  PD_DISPATCH_FLOATING_AND_HALF_TYPES(a.type(), "paddlevl_swiglu", ([&] {
-    swiglu_kernel<data_t>(a.data<data_t>(), b.data<data_t>(), y.data<data_t>(), a.numel());
-  }));
+  dispatch(a.dtype(), "swiglu", [&](auto tag) {
+    using T = decltype(tag);
+    swiglu_kernel<T>(a.data<T>(), b.data<T>(), y.data<T>(), a.numel());
+  });
   return {y};
 }
 
