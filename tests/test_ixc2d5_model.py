@@ -195,8 +195,9 @@ def test_chat_greedy_equals_upstream(model, tok, messages):
     assert ids == exp["greedy_ids"][0].tolist()
     assert resp == man["upstream_chat_response_decoded"]
     assert hist == [(messages["query"], resp)]
-    resp2, _, ids2 = chat(model, tok, messages["query"], image=imgs, hd_num=messages["hd_num_argument"],
-                          do_sample=False, max_new_tokens=8, return_ids=True)  # chat's default penalty 1.005
+    # upstream call shape (model.chat(tokenizer, ...)) with chat's default penalty 1.005
+    resp2, _, ids2 = model.chat(tok, messages["query"], image=imgs, hd_num=messages["hd_num_argument"],
+                                do_sample=False, max_new_tokens=8, return_ids=True)
     assert ids2 == exp["greedy_ids_rep_penalty_1005"][0].tolist()
     assert resp2 == man["response_with_default_rep_penalty"]
 

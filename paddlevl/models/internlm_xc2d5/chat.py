@@ -83,7 +83,7 @@ def chat(model, tokenizer, query: str, image=(), hd_num: int = 24, history=(), s
     if mask.any():
         extra["im_mask"] = paddle.to_tensor(mask)
     out = generate(model, embeds, np.ones(mask.shape, dtype=np.int64), cfg, prefill_extra=extra,
-                   step_extra={"last_only": True}, penalty_ids=[[tokenizer.bos_token_id]], callback=callback)
+                   step_extra={"last_only": True}, penalty_ids=[[model.config.bos_token_id]], callback=callback)
     gen = out.sequences[0]
     response = tokenizer.decode(gen, skip_special_tokens=True).split(IM_END)[0]
     new_history = [tuple(h) for h in (history or [])] + [(query, response)]

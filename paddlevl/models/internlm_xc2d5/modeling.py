@@ -194,6 +194,12 @@ class InternLMXComposer2(nn.Layer):
     def llm(self):
         return self
 
+    def chat(self, tokenizer, query: str, image=(), hd_num: int = 24, history=(), **kwargs):
+        """Upstream call shape: model.chat(tokenizer, query, image=[...], hd_num=24, history=[...], ...) ->
+        (response, history). See paddlevl.models.internlm_xc2d5.chat.chat for the options."""
+        from .chat import chat
+        return chat(self, tokenizer, query, image=image, hd_num=hd_num, history=history, **kwargs)
+
     # -- decoder protocol ------------------------------------------------------------------------------------
     def new_cache(self) -> KVCache:
         return KVCache(self.config.num_layers)
