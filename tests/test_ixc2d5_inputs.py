@@ -55,7 +55,6 @@ def test_tokenizer_special_ids(tok, golden):
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (want["<s>"], want["</s>"], want["pad(</s>)"])
     assert tok.im_start_id == want["[UNUSED_TOKEN_146]"] and tok.im_end_id == want["[UNUSED_TOKEN_145]"]
     # settings the upstream tokenizer relies on
-    import sentencepiece.sentencepiece_model_pb2 as pb  # noqa: F401  (only to prove the model file parses)
     assert tok.encode("hello", False) != tok.encode(" hello", False)  # no dummy prefix
     assert all(tok.id_to_piece(i).startswith("<0x") for i in tok.encode("𠀀", False))  # byte fallback
 

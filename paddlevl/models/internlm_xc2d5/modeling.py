@@ -26,7 +26,7 @@ Math (upstream modeling_internlm2.py / build_mlp.py):
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import paddle
