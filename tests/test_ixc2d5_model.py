@@ -330,3 +330,16 @@ def test_hd_merge_layout_for_any_tile_grid(model, hw):
     got = model.merge_hd(paddle.to_tensor(feats), (h, w)).numpy()
     assert got.shape[1] == P.image_token_count(h, w, s)
     np.testing.assert_array_equal(got, want)
+
+
+def test_vit_crop_chunking_is_exact(model, golden_out):
+    inp = _load("inputs.npz")
+    crops, _ = P.vit_crops(inp["pixel_values_0"])
+    old = model.vit_batch
+    try:
+        model.vit_batch = 2  # 3 crops -> two tower calls
+        with paddle.no_grad():
+            feats = model.vit_features(paddle.to_tensor(crops)).numpy()
+    finally:
+        model.vit_batch = old
+    np.testing.assert_allclose(feats, golden_out["vit_features_0"], rtol=0, atol=1e-5)

@@ -177,6 +177,8 @@ class ViT(nn.Layer):
 class InternLMXComposer2(nn.Layer):
     """The chat model. Implements the decoder protocol (embed / forward_embeds(..., im_mask=) / new_cache)."""
 
+    vit_batch = 4  # crops per CLIP tower call
+
     def __init__(self, cfg: IXCConfig):
         super().__init__()
         self.config = cfg
@@ -253,7 +255,10 @@ class InternLMXComposer2(nn.Layer):
         """crops [N, 3, T, T] -> CLIP last hidden state without CLS [N, g*g, C]."""
         tower = self.vit.vision_tower.vision_model
         crops = crops.astype(tower.embeddings.patch_embedding.weight.dtype)
-        return tower(crops)[-1][:, 1:]
+        # a few crops per tower call bound the attention scores' memory (25 crops of the real tower would need
+        # 25 x 16 x 1601^2 float32 scores at once); crops are independent, so the result is the same
+        parts = [tower(crops[i:i + self.vit_batch])[-1][:, 1:] for i in range(0, crops.shape[0], self.vit_batch)]
+        return parts[0] if len(parts) == 1 else paddle.concat(parts, axis=0)
 
     def merge_hd(self, feats, tiles_hw):
         """CLIP features of one image ([1 + h*w, g*g, C]: global, tiles row-major) -> [1, n, 4C] with separators."""
