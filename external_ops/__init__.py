@@ -10,14 +10,16 @@ PADDLEVL_FUSED selects the path, read at every call:
   "1"    fused: build the ops if needed; a failed build, or inputs the kernels do not cover, raise.
   "0"    composite always; nothing is built.
   unset  fused when the ops are built or can be built (JIT, once, on first use), else composite with one
-         warning; inputs the kernels do not cover (float64, mixed dtypes, ...) take the composite path.
+         warning; inputs the kernels do not cover (float64, mixed dtypes, ...) and calls that need gradients
+         take the composite path.
 
 Builds go to $PADDLEVL_OPS_DIR (default ~/.cache/paddlevl/ops)/paddlevl_ops-<hash>, the hash covering the
 sources, Paddle and Python versions and the CUDA switch, so a stale build is never loaded. A file lock keeps two
 processes from building at once; the second one waits and loads the first one's library. The compiler output
 goes to build.log in that folder. `python -m external_ops build` builds ahead of time.
 
-Inference only: the ops have no backward, and their outputs have stop_gradient=True.
+Inference only: the ops have no backward and their outputs have stop_gradient=True; in auto mode a call that
+needs gradients (grad enabled and an input with stop_gradient=False) takes the composite path instead.
 """
 from __future__ import annotations
 
@@ -269,8 +271,12 @@ def _reset_for_tests():
 
 
 # ---------------------------------------------------------------------------------------------- dispatch
-def _use_fused(op: str, why_not: str | None) -> bool:
-    """Decide the path for one call. why_not: None when the kernel covers these inputs, else the reason."""
+def _use_fused(op: str, why_not: str | None, tensors) -> bool:
+    """Decide the path for one call. why_not: None when the kernel covers these inputs, else the reason.
+
+    The kernels have no backward: in auto mode a call that needs gradients (grad enabled and an input with
+    stop_gradient=False, e.g. a Parameter outside paddle.no_grad()) takes the composite path so autograd works;
+    forced mode runs the kernel anyway and the output carries no gradient."""
     m = mode()
     if m == "composite":
         return False
@@ -279,7 +285,7 @@ def _use_fused(op: str, why_not: str | None) -> bool:
             raise ValueError(f"{ENV_MODE}=1 but the fused {op} does not cover these inputs: {why_not}")
         ensure_built(build=True, retry=_State.error is None)
         return True
-    if why_not is not None:
+    if why_not is not None or _needs_grad(*tensors):
         return False
     try:
         return ensure_built(build=True)
@@ -304,6 +310,10 @@ def _check_tensors(*tensors) -> str | None:
     return None
 
 
+def _needs_grad(*tensors) -> bool:
+    return paddle.is_grad_enabled() and any(not t.stop_gradient for t in tensors)
+
+
 def _contiguous(t):
     return t if t.is_contiguous() else t.contiguous()
 
@@ -320,7 +330,7 @@ def rms_norm(x, weight, eps: float):
     why = _check_tensors(x, weight)
     if why is None and (x.ndim == 0 or weight.shape != [x.shape[-1]]):
         why = f"weight shape {weight.shape} for x shape {x.shape}"
-    if _use_fused("rms_norm", why):
+    if _use_fused("rms_norm", why, (x, weight)):
         return _run("rms_norm", _contiguous(x), _contiguous(weight), float(eps))
     stats["rms_norm:composite"] += 1
     return rms_norm_composite(x, weight, eps)
@@ -338,7 +348,7 @@ def apply_rotary(x, cos, sin):
         elif cos.shape[0] not in (1, x.shape[0]) or cos.shape[1] != x.shape[1] or cos.shape[2] % 2 \
                 or cos.shape[2] > x.shape[3]:
             why = f"cos/sin {cos.shape} do not match x {x.shape}"
-    if _use_fused("rotary", why):
+    if _use_fused("rotary", why, (x, cos, sin)):
         # half-precision tables widen to float32 exactly, as the composite's type promotion does
         cos32, sin32 = (t if t.dtype == paddle.float32 else t.astype("float32") for t in (cos, sin))
         return _run("rotary", _contiguous(x), _contiguous(cos32), _contiguous(sin32))
@@ -351,7 +361,7 @@ def swiglu(gate, up):
     why = _check_tensors(gate, up)
     if why is None and gate.shape != up.shape:
         why = f"shapes {gate.shape} and {up.shape} differ"
-    if _use_fused("swiglu", why):
+    if _use_fused("swiglu", why, (gate, up)):
         return _run("swiglu", _contiguous(gate), _contiguous(up))
     stats["swiglu:composite"] += 1
     return swiglu_composite(gate, up)

@@ -1,5 +1,6 @@
 """python -m external_ops build [--verbose] | info"""
 import argparse
+import os
 import sys
 
 import external_ops
@@ -15,9 +16,11 @@ def main(argv=None) -> int:
 
     folder = external_ops.build_dir()
     if args.command == "info":
-        print(f"mode:   {external_ops.mode()} ({external_ops.ENV_MODE}={external_ops.os.environ.get(external_ops.ENV_MODE, '')!r})")
+        state = "built" if (folder / "BUILD_OK").exists() else (
+            "build failed (see build.log)" if (folder / "BUILD_FAILED").exists() else "not built")
+        print(f"mode:   {external_ops.mode()} ({external_ops.ENV_MODE}={os.environ.get(external_ops.ENV_MODE, '')!r})")
         print(f"folder: {folder}")
-        print(f"built:  {(folder / 'BUILD_OK').exists()}" + (" (an earlier build failed)" if (folder / 'BUILD_FAILED').exists() else ""))
+        print(f"state:  {state}")
         return 0
     try:
         external_ops.ensure_built(build=True, verbose=args.verbose, retry=True)

@@ -95,14 +95,26 @@ def test_composite_is_the_layers_path():
 
 # ---------------------------------------------------------------------------------------- fused == composite
 @pytest.mark.parametrize("shape", [[2, 5, 37], [1, 1, 4096], [7, 1], [3, 2, 4, 129]])
-def test_rms_norm_fp32(env, shape):
-    x, w = rand(shape, 10, 3.0), rand(shape[-1:], 11)
+@pytest.mark.parametrize("scale", [3.0, 1e-3])  # 1e-3: mean(x^2) ~ eps, so a wrong eps shows
+def test_rms_norm_fp32(env, shape, scale):
+    x, w = rand(shape, 10, scale), rand(shape[-1:], 11)
     for eps in (1e-6, 1e-5):
         ref = external_ops.rms_norm_composite(x, w, eps)
         out = run_fused(external_ops.rms_norm, x, w, eps)
         assert out.dtype == paddle.float32 and out.shape == x.shape
         assert rel_err(out, ref) <= FP32_RTOL
     assert external_ops.stats["rms_norm:fused"] == 2
+
+
+def test_gradients_take_the_composite_path_in_auto_mode(env):
+    x = rand([2, 3, 16], 16)
+    w = paddle.create_parameter([16], "float32", default_initializer=paddle.nn.initializer.Assign(f32(rand([16], 17))))
+    out = external_ops.rms_norm(x, w, 1e-6)  # grad enabled + a trainable weight: composite, backward works
+    out.sum().backward()
+    assert w.grad is not None and external_ops.stats == {"rms_norm:composite": 1}
+    with paddle.no_grad():
+        external_ops.rms_norm(x, w, 1e-6)
+    assert external_ops.stats["rms_norm:fused"] == 1
 
 
 def test_rms_norm_non_contiguous_and_parameter_weight(env):
