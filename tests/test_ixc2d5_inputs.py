@@ -66,6 +66,10 @@ def test_tokenizer_from_dir_reads_config(tmp_path):
         {"bos_token": {"content": "<s>"}, "eos_token": "</s>", "add_bos_token": False}))
     t = InternLM2Tokenizer.from_dir(str(tmp_path))
     assert t.encode("Hello world") == [9843, 2028]
+    # transformers 4.33: an AddedToken special token strips only where its lstrip/rstrip flags say, a plain
+    # string one strips both sides
+    assert t.tokenize("x <s> y") == ["x", "▁", "<s>", "▁y"]
+    assert t.tokenize("x </s> y") == ["x", "</s>", "y"]
     with pytest.raises(FileNotFoundError, match="tokenizer.model"):
         InternLM2Tokenizer.from_dir(str(tmp_path / "nowhere"))
 

@@ -36,6 +36,14 @@ def _token_str(v) -> Optional[str]:
     raise ValueError(f"unexpected special token entry {v!r}")
 
 
+def _token_strip(v) -> tuple:
+    """(lstrip, rstrip) transformers 4.33 applies around a special token: a plain string strips whitespace on
+    both sides, an AddedToken (dict in tokenizer_config.json) only where its flags say so."""
+    if isinstance(v, dict):
+        return bool(v.get("lstrip", False)), bool(v.get("rstrip", False))
+    return True, True
+
+
 def clean_up_tokenization(text: str) -> str:
     """transformers' PreTrainedTokenizerBase.clean_up_tokenization (fixed list of replacements)."""
     for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
@@ -45,8 +53,10 @@ def clean_up_tokenization(text: str) -> str:
 
 
 class InternLM2Tokenizer:
-    def __init__(self, model_file: str, bos_token: str = "<s>", eos_token: str = "</s>", unk_token: str = "<unk>",
-                 pad_token: str = "</s>", add_bos_token: bool = True, add_eos_token: bool = False):
+    def __init__(self, model_file: str, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>",
+                 add_bos_token: bool = True, add_eos_token: bool = False):
+        """Special tokens are strings (whitespace stripped on both sides of them in the text) or AddedToken-like
+        dicts {"content", "lstrip", "rstrip"} (stripped only where the flags say)."""
         if not os.path.isfile(model_file):
             raise FileNotFoundError(f"sentencepiece model not found: {model_file}")
         self.model_file = model_file
@@ -55,11 +65,15 @@ class InternLM2Tokenizer:
             self.sp.Load(model_file)
         except Exception as e:  # noqa: BLE001 - name the file
             raise ValueError(f"cannot read sentencepiece model {model_file}: {e}") from e
-        self.bos_token, self.eos_token, self.unk_token, self.pad_token = bos_token, eos_token, unk_token, pad_token
+        given = (bos_token, eos_token, unk_token, pad_token)
+        self.bos_token, self.eos_token, self.unk_token, self.pad_token = (_token_str(t) for t in given)
         self.add_bos_token, self.add_eos_token = add_bos_token, add_eos_token
-        # HF all_special_tokens (deduplicated, in attribute order)
-        self.all_special_tokens: List[str] = list(dict.fromkeys(
-            t for t in (bos_token, eos_token, unk_token, pad_token) if t))
+        # HF all_special_tokens (deduplicated, in attribute order) and how text around each is stripped
+        self.all_special_tokens: List[str] = list(dict.fromkeys(_token_str(t) for t in given if t))
+        self._strip = {}
+        for t in given:
+            if t and _token_str(t) not in self._strip:
+                self._strip[_token_str(t)] = _token_strip(t)
         self.all_special_ids = {self.piece_to_id(t) for t in self.all_special_tokens}
         # longest first, so an alternation behaves like HF's trie (leftmost, then longest)
         alts = sorted(self.all_special_tokens, key=len, reverse=True)
@@ -85,7 +99,7 @@ class InternLM2Tokenizer:
                     raise ValueError(f"{path} is not valid JSON: {e}") from e
             for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
                 if cfg.get(key) is not None:
-                    kw[key] = _token_str(cfg[key])
+                    kw[key] = cfg[key]
             for key in ("add_bos_token", "add_eos_token"):
                 if key in cfg:
                     kw[key] = bool(cfg[key])
@@ -134,8 +148,11 @@ class InternLM2Tokenizer:
         specials = set(self.all_special_tokens)
         # odd indices are the special tokens; strip the neighbouring text on the side facing the token
         for i in range(1, len(parts), 2):
-            parts[i - 1] = parts[i - 1].rstrip()
-            parts[i + 1] = parts[i + 1].lstrip()
+            lstrip, rstrip = self._strip[parts[i]]
+            if lstrip:
+                parts[i - 1] = parts[i - 1].rstrip()
+            if rstrip:
+                parts[i + 1] = parts[i + 1].lstrip()
         pieces: List[str] = []
         for i, part in enumerate(parts):
             if not part:
