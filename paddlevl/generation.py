@@ -95,8 +95,9 @@ def generate(lm, inputs_embeds, attention_mask, config: GenerationConfig, *,
              return_step_logits: bool = False) -> GenerationOutput:
     """Generate up to config.max_new_tokens tokens after the prompt embeddings.
 
-    attention_mask: [B, L] ints (1 real, 0 left padding). penalty_ids: per row, the prompt ids the repetition
-    penalty sees besides the generated ones (HF passes none when generating from inputs_embeds).
+    attention_mask: [B, L] ints (1 real, 0 left padding). penalty_ids: per row, the ids the repetition penalty sees
+    besides the generated ones (the prompt ids for HF generate(input_ids); transformers 4.33 generate(inputs_embeds)
+    starts from [bos], which IXC2.5 passes).
     logits_processors: callables (generated_rows, logits [B, V] float32 numpy) -> logits, applied first.
     decode: ids -> text, needed for stop_strings. callback: called with the [B] ids of every step (streaming)."""
     mask = np.asarray(attention_mask.numpy() if isinstance(attention_mask, paddle.Tensor) else attention_mask,
