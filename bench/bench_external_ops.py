@@ -63,7 +63,8 @@ def main():
         inv = 1.0 / (10000.0 ** (paddle.arange(0, 128, 2, dtype="float32") / 128.0))
         emb = paddle.concat([pos.astype("float32").unsqueeze(-1) * inv] * 2, axis=-1)
         cos, sin = paddle.cos(emb), paddle.sin(emb)
-        cases.append((f"rotary     [1,512,32,128] {dtype}", lambda q=q, c=cos, s=sin: external_ops.apply_rotary(q, c, s),
+        cases.append((f"rotary     [1,512,32,128] {dtype}",
+                      lambda q=q, c=cos, s=sin: external_ops.apply_rotary(q, c, s),
                       lambda q=q, c=cos, s=sin: external_ops.apply_rotary_composite(q, c, s), None))
 
     print(f"paddle {paddle.__version__}, device {paddle.device.get_device()}, {os.cpu_count()} CPUs, "
