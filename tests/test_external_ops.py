@@ -77,20 +77,30 @@ def rope_tables(batch, length, rot, seed, base=10000.0):
 
 
 # ---------------------------------------------------------------------------------------- composite == layers
-def test_composite_is_the_layers_path():
+def test_layers_dispatch_through_external_ops(env):
+    """paddlevl.layers runs these three ops through external_ops: composite when forced off (bit-identical to the
+    composite functions), the fused kernel when forced on."""
     x, w = rand([3, 5, 37], 0), rand([37], 1)
+    q = rand([2, 6, 3, 40], 2)
+    a, b = rand([2, 3, 53], 4, 4.0), rand([2, 3, 53], 5)
+    env.setenv(external_ops.ENV_MODE, "0")
     for dtype in ("float32", "bfloat16"):
         xd, wd = x.astype(dtype), w.astype(dtype)
         np.testing.assert_array_equal(f32(external_ops.rms_norm_composite(xd, wd, 1e-6)),
                                       f32(layers_norm.rms_norm(xd, wd, 1e-6)))
-    q = rand([2, 6, 3, 40], 2)
     for rot in (40, 20):
         cos, sin = rope_tables(2, 6, rot, 3)
         for dtype in ("float32", "bfloat16"):
             np.testing.assert_array_equal(f32(external_ops.apply_rotary_composite(q.astype(dtype), cos, sin)),
                                           f32(layers_rotary.apply_rotary(q.astype(dtype), cos, sin)))
-    a, b = rand([2, 3, 53], 4, 4.0), rand([2, 3, 53], 5)
     np.testing.assert_array_equal(external_ops.swiglu_composite(a, b).numpy(), layers_mlp.swiglu(a, b).numpy())
+    assert external_ops.stats["rms_norm:composite"] == 2 and external_ops.stats["swiglu:composite"] == 1
+    env.setenv(external_ops.ENV_MODE, "1")
+    external_ops.stats.clear()
+    cos, sin = rope_tables(2, 6, 40, 3)
+    layers_norm.rms_norm(x, w, 1e-6), layers_rotary.apply_rotary(q, cos, sin), layers_mlp.swiglu(a, b)
+    assert {k: v for k, v in external_ops.stats.items() if v} == {"rms_norm:fused": 1, "rotary:fused": 1,
+                                                                  "swiglu:fused": 1}
 
 
 # ---------------------------------------------------------------------------------------- fused == composite

@@ -4,6 +4,8 @@ import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
+import external_ops
+
 
 def quick_gelu(x):
     return x * F.sigmoid(1.702 * x)
@@ -26,7 +28,8 @@ def activation(name: str):
 
 
 def swiglu(gate, up):
-    return F.silu(gate) * up
+    """silu(gate) * up — fused kernel when built (external_ops), else composite."""
+    return external_ops.swiglu(gate, up)
 
 
 class SwiGLU(nn.Layer):

@@ -8,6 +8,8 @@ import math
 import numpy as np
 import paddle
 
+import external_ops
+
 
 def rope_inv_freq(dim: int, base: float):
     """1 / base^(arange(0, dim, 2) / dim) in float32 -> paddle tensor [dim // 2]."""
@@ -28,16 +30,9 @@ def rotate_half(x):
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate-half RoPE. x [B, L, heads, D]; cos/sin [B or 1, L, R] with R <= D (the first R dims rotate)."""
-    rot = cos.shape[-1]
-    xf = x.astype("float32")
-    c, s = cos.unsqueeze(2), sin.unsqueeze(2)
-    if rot == x.shape[-1]:
-        out = xf * c + rotate_half(xf) * s
-    else:
-        head, tail = xf[..., :rot], xf[..., rot:]
-        out = paddle.concat([head * c + rotate_half(head) * s, tail], axis=-1)
-    return out.astype(x.dtype)
+    """Rotate-half RoPE in float32. x [B, L, heads, D]; cos/sin [B or 1, L, R] with R <= D (the first R dims
+    rotate). Fused kernel when built (external_ops), else the composite Paddle path."""
+    return external_ops.apply_rotary(x, cos, sin)
 
 
 # ---- Qwen-VL (QWen LLM): dynamic NTK base and logN query scaling -------------------------------------------
