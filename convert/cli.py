@@ -30,6 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     parser.add_argument("--family", default=None, metavar="NAME",
                         help="model family (default: detected from config.json and the key names)")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="convert a partial checkpoint (e.g. a benchmark slice): model parameters with no source "
+                             "tensor are reported, not an error; everything else stays strict. The output will "
+                             "not load.")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -41,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.dry_run:
             check_dst(args.src, args.dst, args.overwrite)   # fail before reading anything
         plan = make_plan(args.src, family=args.family, dtype=args.dtype, fmt=args.format,
-                         max_shard_size=args.max_shard_size)
+                         max_shard_size=args.max_shard_size, allow_missing=getattr(args, "allow_missing", False))
         for note in plan.notes:
             err(f"note: {note}")
         if args.dry_run:

@@ -97,6 +97,25 @@ class _Mapped:
         if b > a:
             _madvise(a, b - a, MADV_DONTNEED)
 
+    file_base = None   # address of file offset 0 in our mapping, when known
+    _fd = None
+
+    def file_range(self, arr: np.ndarray):
+        """(fd, file offset) of a C-contiguous view of this file's mapping, else None."""
+        if self.file_base is None or not self.hi or not arr.flags.c_contiguous or arr.size == 0:
+            return None
+        a, b = _byte_bounds(arr)
+        if a < self.lo or b > self.hi:
+            return None
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        return self._fd, a - self.file_base
+
+    def _close_fd(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
     def prefetch(self, arr: np.ndarray) -> None:
         if self.hi and arr.size:
             a, b = _byte_bounds(arr)
@@ -162,7 +181,7 @@ class SafetensorsFile(_Mapped):
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.path.getsize(self.path) else None
             if self._mm is not None:
                 self._buf = np.frombuffer(self._mm, dtype=np.uint8)
-                self.lo = self._buf.ctypes.data
+                self.lo = self.file_base = self._buf.ctypes.data
                 self.hi = self.lo + self._buf.size
         return self._buf
 
@@ -184,6 +203,8 @@ class SafetensorsFile(_Mapped):
                 pass
             self._mm = None
         self.lo = self.hi = 0
+        self.file_base = None
+        self._close_fd()
 
 
 # --------------------------------------------------------------------------------------------------- torch .bin
@@ -222,6 +243,30 @@ class TorchBinFile(_Mapped):
             self.infos[key] = TensorInfo(key, dt, tuple(t.shape), path, ptr + t.storage_offset() * t.element_size())
         if self._mmapped and lo is not None:
             self.lo, self.hi = lo, hi
+            self.file_base = self._find_base()
+
+    def _find_base(self):
+        """Address where torch mapped file offset 0 (from /proc/self/maps), checked against the file's bytes; None
+        where it cannot be found (then bytes are copied through memory instead of file to file)."""
+        try:
+            st = os.stat(self.path)
+            with open("/proc/self/maps") as f:
+                for line in f:
+                    parts = line.split()
+                    if len(parts) < 5 or parts[4] != str(st.st_ino) or int(parts[2], 16) != 0:
+                        continue
+                    start, end = (int(x, 16) for x in parts[0].split("-"))
+                    if start <= self.lo and self.hi <= end:
+                        break
+                else:
+                    return None
+            key = min((k for k in self._sd if self.infos[k].nbytes), key=lambda k: self.infos[k].offset)
+            probe = self.get(key).reshape(-1)[:64].tobytes()
+            with open(self.path, "rb") as f:
+                f.seek(self.infos[key].offset - start)
+                return start if f.read(len(probe)) == probe else None
+        except (OSError, ValueError):
+            return None
 
     def _load(self, path):
         """torch.load(weights_only=True, mmap=True); every failure becomes one message naming the file."""
@@ -261,6 +306,8 @@ class TorchBinFile(_Mapped):
         self.release()
         self._sd = {}
         self.lo = self.hi = 0
+        self.file_base = None
+        self._close_fd()
 
 
 # --------------------------------------------------------------------------------------------------- .pdparams

@@ -19,9 +19,10 @@ import numpy as np
 
 from .ops import FLOAT_DTYPES, STORAGE
 
-BLOCK = 64 << 20          # bytes of output materialised at a time
+BLOCK = 160 << 20         # bytes of output materialised at a time (every per-layer matrix of a 7B model fits one)
 TILE = 256                # transpose tile edge (elements)
-PENDING = 192 << 20       # bytes queued for the writer thread before the producer waits
+PENDING = 256 << 20       # bytes queued for the writer thread before the producer waits
+POOL = 2                  # reused output buffers of BLOCK bytes: one being filled while the other is written
 
 
 # --------------------------------------------------------------------------------------------------- dtype casts
@@ -89,6 +90,7 @@ class IOThread:
         self.pending = 0
         self.cv = threading.Condition()
         self.error = None
+        self.free, self.made = [], 0
         self.t = threading.Thread(target=self._run, name="convert-writer", daemon=True)
         self.t.start()
 
@@ -97,51 +99,109 @@ class IOThread:
             job = self.q.get()
             if job is None:
                 return
-            kind, a, b, size = job
+            kind, a, b, size = job[:4]
             try:
                 if self.error is None:
                     if kind == "write":
                         for off, buf in a:            # a: [(file offset, buffer)], b: fd
                             _pwrite_all(b, buf, off)
-                        if self.progress is not None and size:
-                            self.progress(size)
+                    elif kind == "copy":
+                        _copy_range(*a)
                     else:
                         a()
+                    if self.progress is not None and size:
+                        self.progress(size)
             except BaseException as e:  # noqa: BLE001 - re-raised in the producer thread
                 self.error = e
             finally:
                 with self.cv:
                     self.pending -= size
+                    if kind == "write" and job[4] is not None:
+                        self.free.append(job[4])   # the output buffer can be filled again
                     self.cv.notify_all()
 
     def _check(self):
         if self.error is not None:
             raise self.error
 
-    def write(self, fd, pieces, size):
+    def write(self, fd, pieces, size, buffer=None):
+        """Queue pwrites of [(offset, array)]; ``buffer`` (from ``take``) returns to the pool once written."""
         self._check()
         with self.cv:
             while self.pending > 0 and self.pending + size > PENDING:
                 self.cv.wait()
             self.pending += size
-        self.q.put(("write", pieces, fd, size))
+        self.q.put(("write", pieces, fd, size, buffer))
+
+    def copy(self, fd_in, off_in, fd_out, off_out, n):
+        """Queue a file-to-file copy of n bytes (in the kernel)."""
+        self._check()
+        with self.cv:
+            while self.pending > 0 and self.pending + n > PENDING:
+                self.cv.wait()
+            self.pending += n
+        self.q.put(("copy", (fd_in, off_in, fd_out, off_out, n), None, n, None))
 
     def call(self, fn):
         self._check()
-        self.q.put(("call", fn, None, 0))
+        self.q.put(("call", fn, None, 0, None))
+
+    def take(self, shape, dtype):
+        """An output array from the pool of reused buffers (no fresh pages to zero and fault in for every
+        block); larger requests get their own memory. Returns (array, token for write(buffer=...))."""
+        dtype = np.dtype(dtype)
+        n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if n > BLOCK:
+            return np.empty(shape, dtype), None
+        with self.cv:
+            while not self.free and self.made >= POOL:
+                self._check()
+                self.cv.wait()
+            if self.free:
+                buf = self.free.pop()
+            else:
+                buf = np.empty(BLOCK, np.uint8)
+                self.made += 1
+        return buf[:n].view(dtype).reshape(shape), buf
+
+    def give(self, token):
+        """Return an unused buffer from ``take``."""
+        if token is not None:
+            with self.cv:
+                self.free.append(token)
+                self.cv.notify_all()
 
     def flush(self):
         with self.cv:
             while self.pending > 0:
                 self.cv.wait()
         done = threading.Event()
-        self.q.put(("call", done.set, None, 0))
+        self.q.put(("call", done.set, None, 0, None))
         done.wait()
         self._check()
 
     def close(self):
         self.q.put(None)
         self.t.join()
+
+
+def _copy_range(fd_in, off_in, fd_out, off_out, n):
+    """copy_file_range (falls back to sendfile, then to pread/pwrite, where the kernel or filesystem says no)."""
+    end = off_in + n
+    while off_in < end:
+        want = min(end - off_in, 1 << 30)
+        try:
+            k = os.copy_file_range(fd_in, fd_out, want, off_in, off_out)
+        except (OSError, AttributeError):
+            k = 0
+        if k <= 0:
+            data = os.pread(fd_in, min(want, 64 << 20), off_in)
+            if not data:
+                raise OSError(f"unexpected end of file while copying at offset {off_in}")
+            _pwrite_all(fd_out, data, off_out)
+            k = len(data)
+        off_in += k
+        off_out += k
 
 
 def _pwrite_all(fd, buf, off):
@@ -153,9 +213,11 @@ def _pwrite_all(fd, buf, off):
 
 
 # --------------------------------------------------------------------------------------------------- emitting a tensor
-def emit(io: IOThread, fd: int, base: int, arr: np.ndarray, din: str, dout: str, release=None) -> int:
+def emit(io: IOThread, fd: int, base: int, arr: np.ndarray, din: str, dout: str, source=None) -> int:
     """Write ``arr`` (raw words of ``din``; any strides) as C-order ``dout`` words at file offset ``base``.
-    ``release(view)`` is queued after the bytes of each source block are written (drops mapped pages).
+    ``source`` (the reader ``arr`` comes from, optional): ``source.release(view)`` is queued after the bytes of each
+    source block are written (drops mapped pages), and ``source.file_range(view)`` -> (fd, offset) lets unchanged
+    contiguous bytes go file to file inside the kernel (copy_file_range: no trip through this process).
     Returns the number of bytes written."""
     osz = STORAGE[dout].itemsize
     total = arr.size * osz
@@ -163,14 +225,27 @@ def emit(io: IOThread, fd: int, base: int, arr: np.ndarray, din: str, dout: str,
         return 0
     if arr.ndim == 0:
         arr = arr.reshape(1)
+    release = getattr(source, "release", None)
 
-    def put(pieces, size, src_view):
-        io.write(fd, pieces, size)
+    def put(pieces, size, src_view, buffer=None):
+        io.write(fd, pieces, size, buffer)
         if release is not None and src_view is not None:
             io.call(lambda v=src_view: release(v))
 
+    def transposed_block(src):
+        out, token = io.take((src.shape[1], src.shape[0]), src.dtype)
+        transpose_into(out, src)
+        if din != dout:
+            io.give(token)
+            return cast_words(out, din, dout), None
+        return out, token
+
     if arr.flags.c_contiguous:
         flat = arr.reshape(-1)
+        where = source.file_range(flat) if din == dout and hasattr(source, "file_range") else None
+        if where is not None:
+            io.copy(where[0], where[1], fd, base, total)
+            return total
         step = max(1, BLOCK // max(osz, arr.itemsize))
         for i in range(0, flat.size, step):
             piece = flat[i:i + step]
@@ -184,14 +259,14 @@ def emit(io: IOThread, fd: int, base: int, arr: np.ndarray, din: str, dout: str,
         n, m = s.shape
         rows = max(1, BLOCK // max(1, m * max(osz, s.itemsize)))
         if rows >= n:
-            out = cast_words(transposed(s), din, dout)
-            put([(base, out)], out.nbytes, s)
+            out, token = transposed_block(s)
+            put([(base, out)], out.nbytes, s, token)
             return total
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
             blk = s[r0:r1]
-            t = cast_words(transposed(blk), din, dout)          # [m, r1-r0]: row j = out[j, r0:r1]
-            put([(base + (j * n + r0) * osz, t[j]) for j in range(m)], t.nbytes, blk)
+            t, token = transposed_block(blk)                    # [m, r1-r0]: row j = out[j, r0:r1]
+            put([(base + (j * n + r0) * osz, t[j]) for j in range(m)], t.nbytes, blk, token)
         return total
 
     # anything else (column slices, regrouped views...): materialise along axis 0
@@ -199,8 +274,12 @@ def emit(io: IOThread, fd: int, base: int, arr: np.ndarray, din: str, dout: str,
     rows = max(1, BLOCK // max(1, row * max(osz, arr.itemsize)))
     for r0 in range(0, arr.shape[0], rows):
         blk = arr[r0:r0 + rows]
-        out = cast_words(np.ascontiguousarray(blk), din, dout)
-        put([(base + r0 * row * osz, out)], out.nbytes, blk)
+        out, token = io.take(blk.shape, blk.dtype)
+        np.copyto(out, blk)
+        if din != dout:
+            io.give(token)
+            out, token = cast_words(out, din, dout), None
+        put([(base + r0 * row * osz, out)], out.nbytes, blk, token)
     return total
 
 
@@ -274,10 +353,10 @@ class PdparamsShard:
         self.io.write(self.fd, [(self.pos, b)], 0)
         self.pos += len(b)
 
-    def add(self, name, arr, din, dout, shape, release=None):
+    def add(self, name, arr, din, dout, shape, source=None):
         nbytes = int(np.prod(shape, dtype=np.int64)) * STORAGE[dout].itemsize
         self._raw(pickle_array_head(name, shape, STORAGE[dout], nbytes))
-        n = emit(self.io, self.fd, self.pos, arr, din, dout, release)
+        n = emit(self.io, self.fd, self.pos, arr, din, dout, source)
         assert n == nbytes, (name, n, nbytes)
         self.pos += nbytes
         self._raw(PICKLE_ARRAY_TAIL)
@@ -308,8 +387,8 @@ class SafetensorsShard:
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         io.write(self.fd, [(0, struct.pack("<Q", len(raw)) + raw)], 0)
 
-    def add(self, name, arr, din, dout, shape, release=None):
-        emit(self.io, self.fd, self.data_start + self.expect[name], arr, din, dout, release)
+    def add(self, name, arr, din, dout, shape, source=None):
+        emit(self.io, self.fd, self.data_start + self.expect[name], arr, din, dout, source)
 
     def close(self):
         self.io.flush()

@@ -125,7 +125,7 @@ def write_raw(tmp_path, arr, din, dout):
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     released = []
     try:
-        n = emit(io, fd, 0, arr, din, dout, release=lambda v: released.append(v.size))
+        n = emit(io, fd, 0, arr, din, dout, source=type("Src", (), {"release": lambda self, v: released.append(v.size)})())
         io.flush()
     finally:
         os.close(fd)
