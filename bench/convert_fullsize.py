@@ -76,7 +76,8 @@ def make_source(a, family, src):
     manifest = os.path.join(a.shared, "fullsize", f"{family}.json")
     tool = os.path.join(a.shared, "tools", "make_fullsize_checkpoint.py")
     marker = os.path.join(src, "SYNTHETIC_CHECKPOINT.json")
-    want = {"limit_bytes": a.limit_bytes, "max_dim": None}
+    from convert.engine import parse_size
+    want = {"limit_bytes": parse_size(a.limit_bytes) if a.limit_bytes else None, "max_dim": None}
     if a.reuse and os.path.exists(marker):
         info = json.load(open(marker))
         if all(info.get(k) == v for k, v in want.items()):

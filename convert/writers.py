@@ -82,21 +82,24 @@ def transposed(src: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------------------- I/O thread
 class IOThread:
-    """One background thread doing os.pwrite jobs in order (and the page releases that must follow them)."""
+    """Background I/O: one thread does the pwrite jobs in order (and the page releases that must follow them), a
+    second one the file-to-file copies, so a 1 GB embedding copied by the kernel never stalls the transposes."""
 
     def __init__(self, progress=None):
-        self.q = queue.Queue()
+        self.q, self.cq = queue.Queue(), queue.Queue()
         self.progress = progress
         self.pending = 0
         self.cv = threading.Condition()
         self.error = None
         self.free, self.made = [], 0
-        self.t = threading.Thread(target=self._run, name="convert-writer", daemon=True)
-        self.t.start()
+        self.threads = [threading.Thread(target=self._run, args=(q,), name=name, daemon=True)
+                        for q, name in ((self.q, "convert-writer"), (self.cq, "convert-copier"))]
+        for t in self.threads:
+            t.start()
 
-    def _run(self):
+    def _run(self, q):
         while True:
-            job = self.q.get()
+            job = q.get()
             if job is None:
                 return
             kind, a, b, size = job[:4]
@@ -115,9 +118,10 @@ class IOThread:
                 self.error = e
             finally:
                 with self.cv:
-                    self.pending -= size
-                    if kind == "write" and job[4] is not None:
-                        self.free.append(job[4])   # the output buffer can be filled again
+                    if kind == "write":
+                        self.pending -= size
+                        if job[4] is not None:
+                            self.free.append(job[4])   # the output buffer can be filled again
                     self.cv.notify_all()
 
     def _check(self):
@@ -134,15 +138,12 @@ class IOThread:
         self.q.put(("write", pieces, fd, size, buffer))
 
     def copy(self, fd_in, off_in, fd_out, off_out, n):
-        """Queue a file-to-file copy of n bytes (in the kernel)."""
+        """Queue a file-to-file copy of n bytes (in the kernel; it holds no memory of ours)."""
         self._check()
-        with self.cv:
-            while self.pending > 0 and self.pending + n > PENDING:
-                self.cv.wait()
-            self.pending += n
-        self.q.put(("copy", (fd_in, off_in, fd_out, off_out, n), None, n, None))
+        self.cq.put(("copy", (fd_in, off_in, fd_out, off_out, n), None, n, None))
 
     def call(self, fn):
+        """Run fn on the writer thread after the writes queued so far."""
         self._check()
         self.q.put(("call", fn, None, 0, None))
 
@@ -172,17 +173,21 @@ class IOThread:
                 self.cv.notify_all()
 
     def flush(self):
-        with self.cv:
-            while self.pending > 0:
-                self.cv.wait()
-        done = threading.Event()
-        self.q.put(("call", done.set, None, 0, None))
-        done.wait()
+        """Wait until every queued job is done (re-raises an I/O error)."""
+        events = []
+        for q in (self.q, self.cq):
+            done = threading.Event()
+            q.put(("call", done.set, None, 0, None))
+            events.append(done)
+        for e in events:
+            e.wait()
         self._check()
 
     def close(self):
-        self.q.put(None)
-        self.t.join()
+        for q in (self.q, self.cq):
+            q.put(None)
+        for t in self.threads:
+            t.join()
 
 
 def _copy_range(fd_in, off_in, fd_out, off_out, n):
