@@ -61,17 +61,65 @@ def out_dtype(din: str, requested: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- transposes
+_workers = None
+_local = threading.local()
+
+
+def _pool():
+    global _workers
+    if _workers is None:
+        from concurrent.futures import ThreadPoolExecutor
+        _workers = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="convert-transpose")
+    return _workers
+
+
+def _tiles(dst, src, c0, c1):
+    """dst[c0:c1] = src[:, c0:c1].T, tile by tile (numpy's strided copy of a whole transposed view is 3-5x slower)."""
+    n = src.shape[0]
+    for c in range(c0, c1, TILE):
+        ce = min(c1, c + TILE)
+        for r in range(0, n, TILE):
+            dst[c:ce, r:r + TILE] = src[r:r + TILE, c:ce].T
+
+
+def _tiles_wide(dst, src, g0, g1, k):
+    """The same for 2- or 4-byte words, moving k words at once: transpose src viewed as uint64 (k words per element)
+    into a small buffer, then de-interleave its rows into k output rows each (both passes cache-friendly); about
+    1.7x faster than moving the words one by one."""
+    n = src.shape[0]
+    wide = src.view(np.uint64)                                  # [n, m / k]
+    out = dst.reshape(dst.shape[0] // k, k, n)                  # row g*k + j of dst = out[g, j]
+    group = 64
+    tmp = getattr(_local, "tmp", None)
+    if tmp is None or tmp.size < group * n:
+        tmp = _local.tmp = np.empty(group * n, np.uint64)
+    for g in range(g0, g1, group):
+        ge = min(g1, g + group)
+        t = tmp[:(ge - g) * n].reshape(ge - g, n)
+        for r in range(0, n, TILE):
+            t[:, r:r + TILE] = wide[r:r + TILE, g:ge].T
+        out[g:ge] = t.view(src.dtype).reshape(ge - g, n, k).transpose(0, 2, 1)
+
+
 def transpose_into(dst: np.ndarray, src: np.ndarray) -> None:
-    """dst[:] = src.T for 2-D arrays, in cache-sized tiles (3-5x faster than numpy's strided copy)."""
+    """dst[:] = src.T for 2-D arrays (dst C-contiguous), in cache-sized tiles, on all cores for large blocks."""
     n, m = src.shape
     if n * m <= TILE * TILE * 4:
         dst[...] = src.T
         return
-    for c in range(0, m, TILE):
-        c1 = min(m, c + TILE)
-        for r in range(0, n, TILE):
-            r1 = min(n, r + TILE)
-            dst[c:c1, r:r1] = src[r:r1, c:c1].T
+    k = 8 // src.itemsize if src.itemsize in (2, 4) else 0
+    wide = k and m % k == 0 and src.strides[1] == src.itemsize and src.strides[0] % 8 == 0 and dst.flags.c_contiguous
+    units = m // k if wide else m                               # columns of src, in k-word groups when wide
+    nw = _pool()._max_workers if n * m * src.itemsize >= (8 << 20) else 1
+    step = -(-units // nw)
+    step = -(-step // 64) * 64                                  # whole groups / tiles per worker
+    parts = [(c, min(units, c + step)) for c in range(0, units, step)]
+    fn = (lambda c0, c1: _tiles_wide(dst, src, c0, c1, k)) if wide else (lambda c0, c1: _tiles(dst, src, c0, c1))
+    if len(parts) == 1:
+        fn(*parts[0])
+        return
+    for f in [_pool().submit(fn, c0, c1) for c0, c1 in parts]:
+        f.result()
 
 
 def transposed(src: np.ndarray) -> np.ndarray:

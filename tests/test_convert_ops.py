@@ -235,3 +235,14 @@ def test_pdparams_reader_maps_paddle_save_files_and_refuses_code(tmp_path):
     with pytest.raises(ConvertError, match="truncated or corrupt"):
         PdparamsFile(bad)
 
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32, np.int64, np.uint8])
+def test_transpose_into_every_path(dtype):
+    from convert.writers import transpose_into
+    for shape in [(7, 5), (300, 1024), (1031, 2052), (2050, 1030), (4099, 520)]:   # small, wide, odd, multi-thread
+        a = words(shape, dtype)
+        for v in (a, a[:, 4:], a[3:-2], a[:, 1:]):
+            out = np.empty(v.shape[::-1], dtype)
+            transpose_into(out, v)
+            assert np.array_equal(out, v.T), (shape, v.strides)
