@@ -111,7 +111,21 @@ def convert(a, src, dst, partial):
     errf = open(dst + ".stderr.txt", "w+")
     t = time.time()
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=errf)
-    _, status, ru = os.wait4(p.pid, 0)
+    # Peak RSS = the child's VmHWM (high-water mark of its own address space since exec), polled until it exits.
+    # Not ru_maxrss: Linux folds the pre-exec (forked) copy of THIS process's memory into the child's ru_maxrss.
+    hwm = 0
+    while True:
+        try:
+            with open(f"/proc/{p.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        hwm = max(hwm, int(line.split()[1]) * 1024)
+        except (OSError, ValueError):
+            pass
+        pid, status, _ = os.wait4(p.pid, os.WNOHANG)
+        if pid:
+            break
+        time.sleep(0.05)
     wall = time.time() - t
     p.returncode = os.waitstatus_to_exitcode(status)
     errf.seek(0)
@@ -120,7 +134,7 @@ def convert(a, src, dst, partial):
     os.remove(dst + ".stderr.txt")
     if p.returncode != 0:
         raise SystemExit(f"converter failed (exit {p.returncode}):\n{err[-3000:]}")
-    return wall, sync_time(), ru.ru_maxrss * 1024, err
+    return wall, sync_time(), hwm, err
 
 
 def kill_halfway(a, src, dst, partial, total):

@@ -335,9 +335,23 @@ def execute(plan: Plan, dst: str, overwrite: bool = False, progress: bool = True
         src.close()
     wall = time.time() - t0
     n = len(plan.outputs)
+    peak = peak_rss()
     log(f"wrote {n} tensors, {plan.total_bytes} bytes ({plan.total_bytes / 1e9:.3f} GB) in {len(plan.shards)} "
-        f"{plan.fmt} file(s) to {dst} in {wall:.1f}s")
-    return {"dst": dst, "tensors": n, "bytes": plan.total_bytes, "shards": len(plan.shards), "wall_s": wall}
+        f"{plan.fmt} file(s) to {dst} in {wall:.1f}s" + (f"; peak memory {peak / 2**30:.2f} GiB" if peak else ""))
+    return {"dst": dst, "tensors": n, "bytes": plan.total_bytes, "shards": len(plan.shards), "wall_s": wall,
+            "peak_rss_bytes": peak}
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory (VmHWM: mapped file pages included), 0 where unknown."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def _write_weights(plan: Plan, tmp: str, bar) -> None:
