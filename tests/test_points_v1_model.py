@@ -75,6 +75,22 @@ def test_family_detected_by_architectures():
     assert detect_family(cfg).name == "points_qwen2_5"
 
 
+def test_partial_vision_config_takes_the_clip_class_defaults():
+    """A vision_config that leaves keys out gets transformers CLIPVisionConfig's defaults, as upstream would."""
+    from paddlevl.models.points.modeling_v1 import PointsV1Config
+    with open(os.path.join(SRC, "config.json")) as f:
+        cfg = json.load(f)
+    full = PointsV1Config.from_dict(cfg)
+    assert (full.vision.hidden_size, full.vision.image_size, full.vision.patch_size) == (
+        cfg["vision_config"]["hidden_size"], cfg["vision_config"]["image_size"], cfg["vision_config"]["patch_size"])
+    cfg["vision_config"] = {"hidden_size": 64, "image_size": 336, "patch_size": 14}
+    part = PointsV1Config.from_dict(cfg)
+    assert (part.vision.num_hidden_layers, part.vision.num_attention_heads, part.vision.intermediate_size) == \
+        (12, 12, 3072)
+    assert part.vision.hidden_act == "quick_gelu" and part.vision.layer_norm_eps == 1e-5
+    assert part.tokens_per_crop == 144
+
+
 # ------------------------------------------------------------------------------------------------ chat
 def test_chat_reproduces_upstream_response(model, converted, expected):
     from paddlevl.models.points.chat_v1 import load_processors

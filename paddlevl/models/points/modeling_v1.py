@@ -25,6 +25,10 @@ from .llm import PointsLLM, PointsLLMConfig
 
 FEATURE_LAYER = -2  # upstream reads hidden_states[-2]
 SHUFFLE = 2         # pixel shuffle scale 0.5 -> 2x2 patches per token
+# transformers CLIPVisionConfig's class defaults: what upstream uses for a key vision_config leaves out
+CLIP_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                            image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                            num_channels=3)
 
 
 @dataclass
@@ -37,10 +41,8 @@ class PointsV1Config:
         for key in ("vision_config", "llm_config"):
             if not isinstance(d.get(key), dict):
                 raise KeyError(f"config.json of POINTS 1.0 lacks the {key!r} section")
-        try:
-            vision = CLIPVisionConfig.from_dict(d["vision_config"])
-        except KeyError as e:
-            raise KeyError(f"config.json vision_config lacks {e.args[0]!r}") from None
+        given = {k: v for k, v in d["vision_config"].items() if v is not None}
+        vision = CLIPVisionConfig.from_dict({**CLIP_VISION_DEFAULTS, **given})
         cfg = cls(vision=vision, llm=PointsLLMConfig.from_dict(d["llm_config"]))
         g = cfg.grid
         if vision.image_size % vision.patch_size or g % SHUFFLE:
