@@ -271,9 +271,10 @@ def test_other_sizes_end_to_end(tmp_path):
     model = load_model(dst, dtype="float32")
     assert model.config.tokens_per_crop == 4 and model.config.image_size == 56
     img = Image.fromarray(rng.integers(0, 256, (40, 130, 3), dtype=np.uint8))
-    crops = crop_image(img, 56, catty=True, max_splits=8)
+    crops = crop_image(img, catty=True, max_splits=8)
+    assert {c.size for c in crops} == {(336, 336)}  # upstream cuts CATTY tiles at 336 whatever the tower size
     pv = CLIPImageProcessor.from_dir(dst).preprocess(crops)
-    assert pv.shape == (len(crops), 3, 56, 56)
+    assert pv.shape == (len(crops), 3, 56, 56)  # ... and the CLIP processor resizes them to the tower's size
     with paddle.no_grad():
         got = model.image_features(paddle.to_tensor(pv)).numpy()
     ref = _np_features(w, cfg["vision_config"], pv)

@@ -63,7 +63,7 @@ def chat(model, image, prompt: str, tokenizer, image_processor: CLIPImageProcess
     """One image + one prompt -> the response text (upstream POINTSChatModel.chat)."""
     _check_user_text(tokenizer, prompt)
     image = load_image(image)
-    crops = crop_image(image, model.config.image_size, catty=catty, max_splits=max_splits)
+    crops = crop_image(image, catty=catty, max_splits=max_splits)
     text = build_prompt(prompt, len(crops), model.config.tokens_per_crop)
     ids = np.asarray([tokenizer.encode(text)], dtype=np.int64)
     embeds = _embeds(model, ids, crops, tokenizer, image_processor)
@@ -104,7 +104,7 @@ class PointsV1ChatSession:
         _check_user_text(self.tokenizer, prompt)
         new_crops = []
         for img in images or ():
-            new_crops += crop_image(load_image(img), self.model.config.image_size, self.catty, self.max_splits)
+            new_crops += crop_image(load_image(img), self.catty, self.max_splits)
         if not self.crops and not new_crops:
             raise ValueError("the first question of a POINTS conversation needs an image")
         turn = build_prompt(prompt, len(new_crops), self.model.config.tokens_per_crop)

@@ -2,8 +2,9 @@
 
 The CLIP processor reproduces transformers' ``CLIPImageProcessor.preprocess`` (convert RGB, resize the shortest
 edge with PIL, center crop, rescale in float64 then float32, normalize in float32, channels first) from the values
-of ``preprocessor_config.json``. CATTY crops are already ``image_size`` square, so resize and crop are identities on
-the chat path and the output is ``((uint8 / 255) - mean) / std`` bit-exactly as upstream.
+of ``preprocessor_config.json``. Upstream ``chat()`` cuts CATTY tiles at CATTY's default size (336) whatever the
+tower's image size; with the released 336 tower resize and crop are identities on the chat path and the output is
+``((uint8 / 255) - mean) / std`` bit-exactly as upstream; a tower of another size gets the processor's resize.
 """
 from __future__ import annotations
 
@@ -149,10 +150,16 @@ def build_prompt(prompt: str, num_crops: int, tokens_per_crop: int) -> str:
     return f"<|im_start|>user\n{image_tokens}{prompt}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def crop_image(image: Image.Image, image_size: int, catty: bool = True, max_splits: int = 8) -> List[Image.Image]:
+# upstream chat() calls split_image_with_catty(img, do_resize=True, max_crop_slices=M) / split_image(img, max_splits=M)
+# without an image size, so tiles are always cut at the functions' default of 336 px
+CATTY_TILE = 336
+
+
+def crop_image(image: Image.Image, catty: bool = True, max_splits: int = 8,
+               tile: int = CATTY_TILE) -> List[Image.Image]:
     if catty:
-        return split_image_with_catty(image, image_size=image_size, max_splits=max_splits, do_resize=True)
-    return split_image(image, image_size=image_size, max_splits=max_splits)
+        return split_image_with_catty(image, image_size=tile, max_splits=max_splits, do_resize=True)
+    return split_image(image, image_size=tile, max_splits=max_splits)
 
 
 @dataclass
@@ -178,7 +185,7 @@ class PointsV1Processor:
 
     def __call__(self, image, prompt: str, catty: bool = True, max_splits: int = 8) -> PointsV1Inputs:
         image = load_image(image)
-        crops = crop_image(image, self.image_size, catty=catty, max_splits=max_splits)
+        crops = crop_image(image, catty=catty, max_splits=max_splits)
         pixel_values = self.image_processor.preprocess(crops)
         if pixel_values.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(f"preprocessor_config.json crops to {tuple(pixel_values.shape[-2:])} but the vision "
