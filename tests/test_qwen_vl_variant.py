@@ -37,6 +37,7 @@ def test_variant_fixture_exercises_what_it_claims():
         seq_len, n_images = z["input_ids"].shape[1], z["pixel_values"].shape[0]
     assert cfg.visual.grid not in (16, 32) and n_images == 2
     assert 2 * cfg.seq_length < seq_len <= 4 * cfg.seq_length  # NTK alpha 7
+    assert cfg.visual.image_size % cfg.visual.patch_size  # the conv drops the remainder
     assert not any(f.endswith(".bin") for f in os.listdir(SRC))
 
 
@@ -80,3 +81,32 @@ def test_outputs_take_the_fixture_layout_only_when_axes_are_singletons():
     assert _as_layout(a, None) is a
     assert _as_layout(a, (1, 4, 6)) is a
     assert _as_layout(a, (6, 4)).shape == (1, 4, 6)  # a real mismatch stays visible to the comparison
+
+
+def test_step_logits_after_a_stop_word_carry_the_forced_eos(tmp_path):
+    """HF generate records each step's logits after upstream's StopWordsLogitsProcessor edited them in place: once
+    <|im_end|> is generated, the next recorded row has 2^15 at <|endoftext|> (checked against the upstream code on
+    a fixture whose greedy decode stops early). Here <|im_end|>'s lm_head column is made to beat the first greedy
+    token, so the decode is [<|im_end|>, <|endoftext|>] and stops."""
+    import paddle
+
+    from convert.engine import convert
+    from paddlevl.checkpoint import load_model
+    from paddlevl.models.qwen_vl.golden import golden
+
+    dst = str(tmp_path / "converted")
+    convert(SRC, dst, progress=False)
+    model = load_model(dst, dtype="float32")
+    tok = QWenTokenizer.from_pretrained(SRC)
+    with np.load(os.path.join(FIX, "inputs.npz")) as z:
+        inputs = {k: z[k] for k in z.files}
+    with np.load(os.path.join(FIX, "expected.npz")) as z:
+        first = int(z["greedy_ids"][0, 0])
+    w = model.lm_head.weight.numpy()  # [H, V]
+    w[:, tok.im_end_id] = 1.5 * w[:, first]
+    model.lm_head.weight.set_value(paddle.to_tensor(w))
+    out = golden(model, FIX, inputs)
+    assert out["greedy_ids"].tolist() == [[tok.im_end_id, tok.eod_id]]
+    steps = out["greedy_step_logits"]
+    assert steps.shape == (1, 2, w.shape[1])
+    assert steps[0, 1, tok.eod_id] == 2.0 ** 15 and steps[0, 0, tok.eod_id] < 100

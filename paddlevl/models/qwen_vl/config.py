@@ -2,13 +2,13 @@
 
 Everything the model needs is derived here from the file: nothing about the checkpoint's size is a literal
 elsewhere. Two structural facts are fixed by the upstream code rather than the config: the resampler always has
-256 queries (a 16x16 grid) and its heads are 128 wide."""
+256 queries (a 16x16 grid) and output_dim // 128 heads."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 RESAMPLER_QUERIES = 256  # upstream VisionTransformer(n_queries=256) is never overridden by the config
-RESAMPLER_HEAD_DIM = 128  # upstream Resampler(num_heads=output_dim // 128)
+RESAMPLER_HEAD_DIM = 128  # upstream Resampler(num_heads=output_dim // 128): the head count divides by 128
 POS_EMBED_GRID = 16  # the ViT's stored positional table is 256 x width (16 x 16), resized to the patch grid
 VISUAL_LN_EPS = 1e-6  # every ViT / resampler LayerNorm (upstream partial(nn.LayerNorm, eps=1e-6))
 
@@ -35,6 +35,8 @@ class QwenVisualConfig:
 
     @property
     def pool_heads(self) -> int:
+        # upstream nn.MultiheadAttention(output_dim, output_dim // 128): heads are output_dim / pool_heads wide,
+        # which is 128 only when output_dim is a multiple of 128 (192 -> one head of 192, 320 -> two of 160)
         return self.output_dim // RESAMPLER_HEAD_DIM
 
     @property
@@ -120,13 +122,14 @@ def _check(cfg: QwenVLConfig) -> None:
                         f"!= hidden_size ({cfg.hidden_size}); the upstream attention splits c_attn by hidden_size")
     if v.output_dim != cfg.hidden_size:
         problems.append(f"visual.output_dim ({v.output_dim}) != hidden_size ({cfg.hidden_size})")
-    if v.image_size % v.patch_size:
-        problems.append(f"visual.image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
+    # image_size need not be a multiple of patch_size: the stride-p conv drops the remainder (grid = S // p).
+    if v.grid < 1:
+        problems.append(f"visual.image_size {v.image_size} is smaller than patch_size {v.patch_size}")
     if v.width % v.heads:
         problems.append(f"visual.width {v.width} is not divisible by visual.heads {v.heads}")
-    if v.output_dim % RESAMPLER_HEAD_DIM:
-        problems.append(f"visual.output_dim {v.output_dim} is not a multiple of {RESAMPLER_HEAD_DIM} "
-                        "(resampler heads are 128 wide)")
+    if v.pool_heads < 1 or v.output_dim % v.pool_heads:
+        problems.append(f"visual.output_dim {v.output_dim}: the resampler has output_dim // {RESAMPLER_HEAD_DIM} = "
+                        f"{v.pool_heads} heads, which must be >= 1 and divide output_dim")
     q = int(round(v.n_queries ** 0.5))
     if q * q != v.n_queries:
         problems.append(f"resampler queries {v.n_queries} is not a square")

@@ -96,7 +96,10 @@ def golden(model, fixture_dir: str, inputs: dict) -> dict:
                    penalty_ids=ids.tolist())
     width = max(len(r) for r in res.sequences)  # rows that stopped early are padded as HF generate pads them
     out["greedy_ids"] = np.asarray([list(r) + [pad] * (width - len(r)) for r in res.sequences], dtype=np.int64)
-    out["greedy_step_logits"] = np.stack(res.step_logits, axis=1)
+    # HF generate records each step's logits after upstream's StopWordsLogitsProcessor has edited them in place
+    # (eos set to 2^15 right after a stop word); the repetition penalty makes a new tensor and is not recorded.
+    out["greedy_step_logits"] = np.stack([proc([list(r[:t]) for r in res.sequences], lg)
+                                          for t, lg in enumerate(res.step_logits)], axis=1)
     if image_embeds is not None:  # per-image copies, for fixtures that store one array per image (`_k` keys)
         for name in ("vit_features", "image_embeds"):
             out.update({f"{name}_{k}": out[name][k:k + 1] for k in range(len(pixels))})
