@@ -5,7 +5,9 @@ The lead's paddlevl/cli.py mounts this as a subcommand through ``add_arguments(p
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from .engine import DTYPE_CHOICES, check_dst, execute, format_plan, make_plan
 from .readers import ConvertError
@@ -38,9 +40,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)   # unwinds like Ctrl-C: the partial folder is removed on the way out
+
+
 def run(args: argparse.Namespace) -> int:
     """Run a parsed `convert` command; returns the exit code (0 ok, 1 conversion refused / failed)."""
     err = lambda m: print(m, file=sys.stderr)   # noqa: E731
+    old = None
     try:
         if not args.dry_run:
             check_dst(args.src, args.dst, args.overwrite)   # fail before reading anything
@@ -54,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
             finally:
                 plan.source.close()
             return 0
+        if threading.current_thread() is threading.main_thread():
+            # installed here, after planning imported paddle (whose own SIGTERM handler just kills the process)
+            old = signal.signal(signal.SIGTERM, _terminated)
         execute(plan, args.dst, overwrite=args.overwrite, progress=not args.no_progress, log=err)
         return 0
     except ConvertError as e:
@@ -62,6 +72,13 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         err("paddlevl convert: interrupted; nothing was written")
         return 130
+    except SystemExit as e:
+        if e.code == 128 + signal.SIGTERM:
+            err("paddlevl convert: terminated; nothing was written")
+        raise
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
 
 
 def main(argv=None) -> int:

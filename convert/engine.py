@@ -288,6 +288,11 @@ def execute(plan: Plan, dst: str, overwrite: bool = False, progress: bool = True
     dst = check_dst(src.folder, dst, overwrite)
     os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
     clean_stale(dst, log)
+    free = shutil.disk_usage(os.path.dirname(dst) or ".").free
+    need = plan.total_bytes + (64 << 20)
+    if need > free:
+        raise ConvertError(f"not enough disk space for {dst}: the converted weights need {need / 1e9:.2f} GB, "
+                           f"{free / 1e9:.2f} GB are free")
     tmp = f"{dst}.partial-{os.getpid()}"
     if os.path.lexists(tmp):
         shutil.rmtree(tmp)

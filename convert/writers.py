@@ -3,13 +3,20 @@ safetensors shards, plus the helpers that turn an op's output (often a strided v
 file bytes block by block.
 
 Nothing here ever holds a shard in memory: a tensor's bytes go to the file in blocks of at most ``BLOCK`` bytes through
-one background thread (``os.pwrite`` releases the GIL, so the transposes of the next block overlap the writes).
+a background thread (``os.pwrite`` releases the GIL, so the transposes of the next block overlap the writes).
 A transposed view is written by reading the source sequentially in row blocks and scattering each transposed block
-to its place in the file, so even a 1 GB vocabulary matrix needs only a few tens of MB of memory.
+to its place in the file, so even a 1 GB vocabulary matrix needs only ``BLOCK``-sized buffers.
+
+Large tensors' data are placed at block-aligned file offsets (pickle padding opcodes / safetensors ordering) and
+written from page-aligned buffers with O_DIRECT: straight to the disk, without the kernel copying them into the page
+cache (that copy would cost as much CPU as the transposes). Everything else goes through the page cache; the two
+never share a file block. Where O_DIRECT is refused (tmpfs, ...) everything goes through the page cache.
 """
 from __future__ import annotations
 
+import errno
 import json
+import mmap
 import os
 import queue
 import struct
@@ -23,6 +30,9 @@ BLOCK = 160 << 20         # bytes of output materialised at a time (every per-la
 TILE = 256                # transpose tile edge (elements)
 PENDING = 256 << 20       # bytes queued for the writer thread before the producer waits
 POOL = 2                  # reused output buffers of BLOCK bytes: one being filled while the other is written
+ALIGN = max(4096, mmap.PAGESIZE)   # O_DIRECT granularity (file offsets, lengths, buffer addresses)
+DIRECT_MIN = 1 << 20      # tensors at least this large get block-aligned data, written with O_DIRECT
+DIRECT = os.environ.get("PADDLEVL_CONVERT_DIRECT", "1") != "0"   # 0: never O_DIRECT (page cache only)
 
 
 # --------------------------------------------------------------------------------------------------- dtype casts
@@ -128,6 +138,49 @@ def transposed(src: np.ndarray) -> np.ndarray:
     return out
 
 
+# --------------------------------------------------------------------------------------------------- output files
+class OutFile:
+    """An output file: a page-cache fd, plus an O_DIRECT fd where the filesystem allows one."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.dfd = None
+        if DIRECT and hasattr(os, "O_DIRECT"):
+            try:
+                self.dfd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+            except OSError:
+                self.dfd = None
+
+    def write(self, off: int, buf, direct: bool = False) -> None:
+        """pwrite ``buf`` at ``off``; its block-aligned part with O_DIRECT when ``direct`` (``buf`` must then start at
+        an ALIGN-aligned address, i.e. at the start of a pool buffer)."""
+        mv = memoryview(buf).cast("B")
+        if direct and self.dfd is not None and off % ALIGN == 0 and len(mv) >= ALIGN:
+            n = len(mv) // ALIGN * ALIGN
+            try:
+                _pwrite_all(self.dfd, mv[:n], off)
+                mv, off = mv[n:], off + n
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                os.close(self.dfd)          # refused after all (alignment rules of this device): page cache only
+                self.dfd = None
+        if len(mv):
+            _pwrite_all(self.fd, mv, off)
+
+    def close(self):
+        for fd in (self.fd, self.dfd):
+            if fd is not None:
+                os.close(fd)
+        self.fd = self.dfd = None
+
+
+def _aligned_buffer(n: int) -> np.ndarray:
+    """n bytes at a page-aligned address (anonymous mmap), for O_DIRECT."""
+    return np.frombuffer(mmap.mmap(-1, n), dtype=np.uint8)
+
+
 # --------------------------------------------------------------------------------------------------- I/O thread
 class IOThread:
     """Background I/O: one thread does the pwrite jobs in order (and the page releases that must follow them), a
@@ -154,8 +207,9 @@ class IOThread:
             try:
                 if self.error is None:
                     if kind == "write":
-                        for off, buf in a:            # a: [(file offset, buffer)], b: fd
-                            _pwrite_all(b, buf, off)
+                        direct = job[4] is not None   # a pool buffer: page-aligned start
+                        for off, buf in a:            # a: [(file offset, buffer)], b: OutFile
+                            b.write(off, buf, direct)
                     elif kind == "copy":
                         _copy_range(*a)
                     else:
@@ -176,19 +230,20 @@ class IOThread:
         if self.error is not None:
             raise self.error
 
-    def write(self, fd, pieces, size, buffer=None):
-        """Queue pwrites of [(offset, array)]; ``buffer`` (from ``take``) returns to the pool once written."""
+    def write(self, out, pieces, size, buffer=None):
+        """Queue writes of [(offset, array)] to OutFile ``out``; ``buffer`` (the token from ``take``, when the single
+        piece is that pool buffer from its start) returns to the pool once written, and allows O_DIRECT."""
         self._check()
         with self.cv:
             while self.pending > 0 and self.pending + size > PENDING:
                 self.cv.wait()
             self.pending += size
-        self.q.put(("write", pieces, fd, size, buffer))
+        self.q.put(("write", pieces, out, size, buffer))
 
-    def copy(self, fd_in, off_in, fd_out, off_out, n):
-        """Queue a file-to-file copy of n bytes (in the kernel; it holds no memory of ours)."""
+    def copy(self, fd_in, off_in, out, off_out, n):
+        """Queue a file-to-file copy of n bytes into OutFile ``out`` (in the kernel; it holds no memory of ours)."""
         self._check()
-        self.cq.put(("copy", (fd_in, off_in, fd_out, off_out, n), None, n, None))
+        self.cq.put(("copy", (fd_in, off_in, out.fd, off_out, n), None, n, None))
 
     def call(self, fn):
         """Run fn on the writer thread after the writes queued so far."""
@@ -209,7 +264,7 @@ class IOThread:
             if self.free:
                 buf = self.free.pop()
             else:
-                buf = np.empty(BLOCK, np.uint8)
+                buf = _aligned_buffer(BLOCK)
                 self.made += 1
         return buf[:n].view(dtype).reshape(shape), buf
 
@@ -266,8 +321,8 @@ def _pwrite_all(fd, buf, off):
 
 
 # --------------------------------------------------------------------------------------------------- emitting a tensor
-def emit(io: IOThread, fd: int, base: int, arr: np.ndarray, din: str, dout: str, source=None) -> int:
-    """Write ``arr`` (raw words of ``din``; any strides) as C-order ``dout`` words at file offset ``base``.
+def emit(io: IOThread, fd, base: int, arr: np.ndarray, din: str, dout: str, source=None) -> int:
+    """Write ``arr`` (raw words of ``din``; any strides) as C-order ``dout`` words at offset ``base`` of OutFile ``fd``.
     ``source`` (the reader ``arr`` comes from, optional): ``source.release(view)`` is queued after the bytes of each
     source block are written (drops mapped pages), and ``source.file_range(view)`` -> (fd, offset) lets unchanged
     contiguous bytes go file to file inside the kernel (copy_file_range: no trip through this process).
@@ -280,18 +335,28 @@ def emit(io: IOThread, fd: int, base: int, arr: np.ndarray, din: str, dout: str,
         arr = arr.reshape(1)
     release = getattr(source, "release", None)
 
-    def put(pieces, size, src_view, buffer=None):
-        io.write(fd, pieces, size, buffer)
+    def put(pieces, size, src_view, buffer=None, direct=True):
+        io.write(fd, pieces, size, buffer if direct else None)
+        if buffer is not None and not direct:
+            io.call(lambda b=buffer: io.give(b))
         if release is not None and src_view is not None:
             io.call(lambda v=src_view: release(v))
 
     def transposed_block(src):
         out, token = io.take((src.shape[1], src.shape[0]), src.dtype)
         transpose_into(out, src)
-        if din != dout:
-            io.give(token)
-            return cast_words(out, din, dout), None
-        return out, token
+        return cast_block(out, token)
+
+    def cast_block(out, token):
+        if din == dout:
+            return out, token
+        if token is not None and STORAGE[dout].itemsize <= STORAGE[din].itemsize:
+            res = cast_words(out, din, dout)                    # narrowing: the result fits the same buffer
+            dst = token[:res.nbytes].view(res.dtype).reshape(res.shape)
+            np.copyto(dst, res)
+            return dst, token
+        io.give(token)
+        return cast_words(out, din, dout), None
 
     if arr.flags.c_contiguous:
         flat = arr.reshape(-1)
@@ -319,7 +384,8 @@ def emit(io: IOThread, fd: int, base: int, arr: np.ndarray, din: str, dout: str,
             r1 = min(n, r0 + rows)
             blk = s[r0:r1]
             t, token = transposed_block(blk)                    # [m, r1-r0]: row j = out[j, r0:r1]
-            put([(base + (j * n + r0) * osz, t[j]) for j in range(m)], t.nbytes, blk, token)
+            pieces = [(base + (j * n + r0) * osz, t[j]) for j in range(m)]
+            put(pieces, t.nbytes, blk, token, direct=False)
         return total
 
     # anything else (column slices, regrouped views...): materialise along axis 0
@@ -329,9 +395,7 @@ def emit(io: IOThread, fd: int, base: int, arr: np.ndarray, din: str, dout: str,
         blk = arr[r0:r0 + rows]
         out, token = io.take(blk.shape, blk.dtype)
         np.copyto(out, blk)
-        if din != dout:
-            io.give(token)
-            out, token = cast_words(out, din, dout), None
+        out, token = cast_block(out, token)
         put([(base + r0 * row * osz, out)], out.nbytes, blk, token)
     return total
 
@@ -377,14 +441,18 @@ def _p_dtype(dt: np.dtype) -> bytes:
     return _p_global(fn) + _p_obj(args) + b"R" + _p_obj(state) + b"b"
 
 
-def pickle_array_head(name: str, shape, dt: np.dtype, nbytes: int) -> bytes:
-    """Opcodes of ``name: ndarray`` up to (and including) the data length; the raw C-order data follows."""
+def pickle_array_head(name: str, shape, dt: np.dtype, nbytes: int, pos: int = 0, align: int = 0) -> bytes:
+    """Opcodes of ``name: ndarray`` up to (and including) the data length; the raw C-order data follows.
+    With ``align``, a padding string (pushed and popped: no effect on the result) makes the data start at a multiple
+    of ``align`` in the file, given that this head starts at file offset ``pos``."""
     head = (_p_obj(name) + _p_global(_RECON) + _p_global(_RECON_ARGS[0]) + _p_obj(_RECON_ARGS[1])
             + _p_obj(_RECON_ARGS[2]) + b"\x87R"                      # _reconstruct(ndarray, (0,), b'b')
             + b"(" + _p_int(1) + _p_obj(tuple(int(s) for s in shape)) + _p_dtype(dt) + b"\x89")
-    if nbytes < (1 << 32):
-        return head + b"B" + struct.pack("<I", nbytes)
-    return head + b"\x8e" + struct.pack("<Q", nbytes)
+    op = b"B" + struct.pack("<I", nbytes) if nbytes < (1 << 32) else b"\x8e" + struct.pack("<Q", nbytes)
+    if align:
+        k = -(pos + len(head) + 6 + len(op)) % align
+        head += b"X" + struct.pack("<I", k) + b" " * k + b"0"          # BINUNICODE padding, POP
+    return head + op
 
 
 PICKLE_ARRAY_TAIL = b"tbs"     # close the state tuple, BUILD, SETITEM
@@ -394,22 +462,24 @@ PICKLE_END = b"."
 
 # --------------------------------------------------------------------------------------------------- shard writers
 class PdparamsShard:
-    """model_state[-0000k-of-0000n].pdparams: what paddle.save writes for a dict of arrays (bf16 as uint16)."""
+    """model_state[-0000k-of-0000n].pdparams: what paddle.save writes for a dict of arrays (bf16 as uint16), plus
+    padding strings that put every large tensor's data at a block-aligned offset (for O_DIRECT)."""
 
     def __init__(self, path: str, io: IOThread, entries):
         self.path, self.io = path, io
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.out = OutFile(path)
         self.pos = 0
         self._raw(PICKLE_START)
 
     def _raw(self, b: bytes):
-        self.io.write(self.fd, [(self.pos, b)], 0)
+        self.io.write(self.out, [(self.pos, b)], 0)
         self.pos += len(b)
 
     def add(self, name, arr, din, dout, shape, source=None):
         nbytes = int(np.prod(shape, dtype=np.int64)) * STORAGE[dout].itemsize
-        self._raw(pickle_array_head(name, shape, STORAGE[dout], nbytes))
-        n = emit(self.io, self.fd, self.pos, arr, din, dout, source)
+        align = ALIGN if nbytes >= DIRECT_MIN and self.out.dfd is not None else 0
+        self._raw(pickle_array_head(name, shape, STORAGE[dout], nbytes, self.pos, align))
+        n = emit(self.io, self.out, self.pos, arr, din, dout, source)
         assert n == nbytes, (name, n, nbytes)
         self.pos += nbytes
         self._raw(PICKLE_ARRAY_TAIL)
@@ -417,36 +487,41 @@ class PdparamsShard:
     def close(self):
         self._raw(PICKLE_END)
         self.io.flush()
-        os.close(self.fd)
+        os.ftruncate(self.out.fd, self.pos)
+        self.out.close()
 
 
 class SafetensorsShard:
-    """model[-0000k-of-0000n].safetensors; the header is known up front from the plan."""
+    """model[-0000k-of-0000n].safetensors; the header is known up front from the plan. Tensors whose size is a
+    multiple of the block size come first, so they all start block-aligned (for O_DIRECT); safetensors allows any
+    order and a space-padded header, not gaps."""
 
     def __init__(self, path: str, io: IOThread, entries):
-        self.path, self.io = path, io
-        header, off = {"__metadata__": {"format": "np"}}, 0
         from .readers import ST_CODES
-        self.expect = {}
-        for name, shape, dtype in entries:
-            n = int(np.prod(shape, dtype=np.int64)) * STORAGE[dtype].itemsize
+        self.path, self.io = path, io
+        self.out = OutFile(path)
+        sized = [(name, shape, dtype, int(np.prod(shape, dtype=np.int64)) * STORAGE[dtype].itemsize)
+                 for name, shape, dtype in entries]
+        big = [e for e in sized if e[3] >= DIRECT_MIN and e[3] % ALIGN == 0]
+        rest = [e for e in sized if not (e[3] >= DIRECT_MIN and e[3] % ALIGN == 0)]
+        header, off, self.expect = {"__metadata__": {"format": "np"}}, 0, {}
+        for name, shape, dtype, n in big + rest:
             header[name] = {"dtype": ST_CODES[dtype], "shape": [int(s) for s in shape], "data_offsets": [off, off + n]}
             self.expect[name] = off
             off += n
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        raw += b" " * (-len(raw) % 8)
+        raw += b" " * (-(8 + len(raw)) % ALIGN)
         self.data_start = 8 + len(raw)
         self.size = self.data_start + off
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        io.write(self.fd, [(0, struct.pack("<Q", len(raw)) + raw)], 0)
+        io.write(self.out, [(0, struct.pack("<Q", len(raw)) + raw)], 0)
 
     def add(self, name, arr, din, dout, shape, source=None):
-        emit(self.io, self.fd, self.data_start + self.expect[name], arr, din, dout, source)
+        emit(self.io, self.out, self.data_start + self.expect[name], arr, din, dout, source)
 
     def close(self):
         self.io.flush()
-        os.ftruncate(self.fd, self.size)
-        os.close(self.fd)
+        os.ftruncate(self.out.fd, self.size)
+        self.out.close()
 
 
 FORMATS = {

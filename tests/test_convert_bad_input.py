@@ -256,3 +256,32 @@ def test_killed_midway_leaves_nothing_complete_and_rerun_succeeds(pristine, tmp_
     words = S.make_words(CFG, "bfloat16")
     state = load_state(dst)
     assert all(S.same_words(state[k], v) for k, v in S.expected_paddle(CFG, words).items())
+
+
+def test_sigterm_midway_cleans_up(pristine, tmp_path):
+    src = pristine[("safetensors", 2)]
+    dst = str(tmp_path / "out")
+    p = subprocess.Popen([sys.executable, "-c", DRIVER, os.path.join(ROOT, "tests"), src, dst, "--no-progress",
+                          "--max-shard-size", "2KB"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    try:
+        assert p.stdout.readline().strip() == "HALFWAY", p.stderr.read()
+        assert os.listdir(tmp_path) == [f"out.partial-{p.pid}"]
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 128 + signal.SIGTERM
+    assert "terminated; nothing was written" in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_not_enough_disk_space(src, tmp_path, capsys, monkeypatch):
+    import collections
+    import convert.engine as engine
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(engine.shutil, "disk_usage", lambda p: usage(10**12, 10**12 - 1000, 1000))
+    err = refused(src(), tmp_path, capsys)
+    assert "not enough disk space" in err and "GB are free" in err
