@@ -110,3 +110,14 @@ def test_step_logits_after_a_stop_word_carry_the_forced_eos(tmp_path):
     steps = out["greedy_step_logits"]
     assert steps.shape == (1, 2, w.shape[1])
     assert steps[0, 1, tok.eod_id] == 2.0 ** 15 and steps[0, 0, tok.eod_id] < 100
+
+
+def test_golden_stop_words_follow_the_chat_format():
+    """The greedy reference uses the stop words upstream chat() builds for generation_config's chat_format."""
+    from paddlevl.models.qwen_vl.golden import _eod_and_stop_words
+
+    tok = QWenTokenizer.from_pretrained(SRC)
+    eod, chatml = _eod_and_stop_words(FIX, tok.img_start_id, "chatml")
+    assert eod == tok.eod_id and chatml == [[tok.im_end_id], [tok.im_start_id]]
+    _, raw = _eod_and_stop_words(FIX, tok.img_start_id, "raw")
+    assert raw == [tok.encode("Human:"), [tok.eod_id]]

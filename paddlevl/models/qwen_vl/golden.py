@@ -14,6 +14,7 @@ import paddle
 
 from ...generation import GenerationConfig, generate
 from .chat import ChatConfig, StopWordsProcessor
+from .chat_format import stop_words_ids
 from .processing import find_image_spans
 from .tokenizer import IMAGE_ST, SPECIAL_TOKENS, QWenTokenizer
 
@@ -23,17 +24,19 @@ def _spans(input_ids: np.ndarray, image_start_id: int) -> np.ndarray:
                        for a, b in find_image_spans(row, image_start_id)], dtype=np.int64).reshape(-1, 3)
 
 
-def _chat_ids(fixture_dir: str, image_start_id: int) -> tuple[int, int, int]:
-    """(<|endoftext|>, <|im_start|>, <|im_end|>) ids: from the fixture's vocabulary when present, else from the
-    config (the special table puts <img> 214 ids after <|endoftext|>)."""
+def _eod_and_stop_words(fixture_dir: str, image_start_id: int, chat_format: str) -> tuple[int, list]:
+    """<|endoftext|> id and the stop words upstream chat() passes to generate for this chat_format, from the fixture's
+    vocabulary when present, else from the config (the special table puts <img> 214 ids after <|endoftext|>)."""
     src = os.path.join(fixture_dir, "source")
     if os.path.isfile(os.path.join(src, "qwen.tiktoken")):
         tok = QWenTokenizer.from_pretrained(src)
         if tok.img_start_id != image_start_id:
             raise ValueError(f"fixture vocabulary puts <img> at {tok.img_start_id}, config.json says {image_start_id}")
-        return tok.eod_id, tok.im_start_id, tok.im_end_id
+        return tok.eod_id, stop_words_ids(tok, chat_format)
+    if chat_format != "chatml":
+        raise ValueError(f"chat_format {chat_format!r} needs the fixture's qwen.tiktoken for its stop words")
     eod = image_start_id - (len(SPECIAL_TOKENS) + IMAGE_ST.index("<img>"))
-    return eod, eod + 1, eod + 2
+    return eod, [[eod + 2], [eod + 1]]  # [[<|im_end|>], [<|im_start|>]]
 
 
 def _pixel_values(inputs: dict, size: int) -> np.ndarray:
@@ -64,7 +67,8 @@ def golden(model, fixture_dir: str, inputs: dict) -> dict:
         if not np.array_equal(ours, given.reshape(ours.shape) if given.size == ours.size else given):
             raise AssertionError(f"image spans found in the ids {spans.tolist()} differ from inputs.npz "
                                  f"{given.tolist()}")
-    eod, im_start, im_end = _chat_ids(fixture_dir, cfg.visual.image_start_id)
+    cc = ChatConfig.from_folder(os.path.join(fixture_dir, "source"))
+    eod, stop_words = _eod_and_stop_words(fixture_dir, cfg.visual.image_start_id, cc.chat_format)
     out = {}
     with paddle.no_grad():
         image_embeds = None
@@ -86,12 +90,11 @@ def golden(model, fixture_dir: str, inputs: dict) -> dict:
             shapes = {k: z[k].shape for k in z.files}  # only names and shapes are read, never values
         if "greedy_ids" in shapes:
             steps = int(shapes["greedy_ids"][-1])
-    cc = ChatConfig.from_folder(os.path.join(fixture_dir, "source"))
     eos = eod if cc.eos_token_id is None else int(cc.eos_token_id)
     pad = eos if cc.pad_token_id is None else int(cc.pad_token_id)
     gen = GenerationConfig(max_new_tokens=steps, do_sample=False, repetition_penalty=cc.repetition_penalty,
                            eos_token_ids=(eos,), pad_token_id=pad)
-    proc = StopWordsProcessor([[im_end], [im_start]], eos, prompts=ids.tolist())
+    proc = StopWordsProcessor(stop_words, eos, prompts=ids.tolist())
     res = generate(model, embeds, mask, gen, logits_processors=[proc], return_step_logits=True,
                    penalty_ids=ids.tolist())
     width = max(len(r) for r in res.sequences)  # rows that stopped early are padded as HF generate pads them
