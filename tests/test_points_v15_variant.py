@@ -5,6 +5,7 @@ import json
 import os
 
 import numpy as np
+import paddle
 import pytest
 
 from paddlevl.parity import REQUIRED, run_golden
@@ -64,3 +65,73 @@ def test_preprocessing_and_prompt_reproduce_inputs(inputs):
     with open(os.path.join(FIX, "inputs", "rendered_prompt.txt"), encoding="utf-8") as f:
         assert p.prompt == f.read()
     np.testing.assert_array_equal(np.asarray([QwenTokenizer.from_dir(SRC).encode(p.prompt)]), inputs["input_ids"])
+
+
+# ------------------------------------------------------------------------------------------------ golden options
+def _copy_with_generation(tmp_path, generation=None, llm_extra=None):
+    """The variant fixture's manifest + source/config.json, with other generation options (weights not copied)."""
+    dst = tmp_path / "fx"
+    (dst / "source").mkdir(parents=True)
+    with open(os.path.join(FIX, "manifest.json"), encoding="utf-8") as f:
+        man = json.load(f)
+    if generation is not None:
+        man["inputs_built"]["generation"] = generation
+    with open(dst / "manifest.json", "w", encoding="utf-8") as f:
+        json.dump(man, f)
+    with open(os.path.join(SRC, "config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    cfg["llm_config"].update(llm_extra or {})
+    with open(dst / "source" / "config.json", "w", encoding="utf-8") as f:
+        json.dump(cfg, f)
+    return str(dst)
+
+
+def test_golden_generation_options(tmp_path):
+    """llm.generate() runs under llm_config's generation attributes overridden by what chat() passed; options the
+    decode loop does not implement are refused instead of silently ignored."""
+    from paddlevl.models.points.golden_v15 import _fixture_generation
+
+    opts = _fixture_generation(FIX)
+    assert opts["repetition_penalty"] == 0.7 and opts["max_new_tokens"] == 8
+    fx = _copy_with_generation(tmp_path / "a", {"max_new_tokens": 4}, {"repetition_penalty": 1.25})
+    assert _fixture_generation(fx)["repetition_penalty"] == 1.25
+    fx = _copy_with_generation(tmp_path / "b", {"repetition_penalty": 1.1}, {"repetition_penalty": 1.25})
+    assert _fixture_generation(fx)["repetition_penalty"] == 1.1
+    for bad in ({"no_repeat_ngram_size": 2}, {"num_beams": 2}, {"do_sample": True}):
+        fx = _copy_with_generation(tmp_path / str(len(os.listdir(tmp_path))), bad)
+        with pytest.raises(NotImplementedError, match=next(iter(bad))):
+            _fixture_generation(fx)
+
+
+@pytest.fixture(scope="module")
+def variant_model(tmp_path_factory):
+    from convert.engine import convert
+    from paddlevl.checkpoint import load_model
+
+    dst = str(tmp_path_factory.mktemp("pv15v") / "converted")
+    convert(SRC, dst, progress=False)
+    return load_model(dst, dtype="float32")
+
+
+def test_golden_text_only_inputs(variant_model, tmp_path, inputs):
+    """A prompt without images (upstream generate() with an empty grid): no vision arrays, image_embeds [0, H],
+    logits of the plain token embeddings; the step count falls back to expected.npz's greedy_ids width."""
+    import shutil
+
+    from paddlevl.models.points.golden_v15 import golden
+    from paddlevl.models.points.tokenizer import QwenTokenizer
+
+    fx = _copy_with_generation(tmp_path, {"eos_token_id": int(inputs["eos_token_id"])})
+    shutil.copy(os.path.join(FIX, "expected.npz"), os.path.join(fx, "expected.npz"))
+    ids = np.asarray([QwenTokenizer.from_dir(SRC).encode("<|im_start|>user\nHi there<|im_end|>\n"
+                                                         "<|im_start|>assistant\n")], dtype=np.int64)
+    out = golden(variant_model, fx, {"input_ids": ids, "image_token_id": inputs["image_token_id"],
+                                     "eos_token_id": inputs["eos_token_id"]})
+    assert out["image_embeds"].shape == (0, variant_model.config.llm.hidden_size)
+    assert "vision_tower_out" not in out
+    want = variant_model.llm(paddle.to_tensor(ids)).numpy()
+    assert np.abs(out["logits"] - want).max() <= 1e-5 * np.abs(want).max()
+    assert out["greedy_ids"].shape[1] <= 8 and out["greedy_step_logits"].shape[0] == out["greedy_ids"].shape[1]
+    with np.load(os.path.join(FIX, "expected.npz")) as z:
+        if out["greedy_ids"][0, -1] != int(inputs["eos_token_id"]):
+            assert out["greedy_ids"].shape == z["greedy_ids"].shape
