@@ -77,7 +77,8 @@ def make_source(a, family, src):
     tool = os.path.join(a.shared, "tools", "make_fullsize_checkpoint.py")
     marker = os.path.join(src, "SYNTHETIC_CHECKPOINT.json")
     from convert.engine import parse_size
-    want = {"limit_bytes": parse_size(a.limit_bytes) if a.limit_bytes else None, "max_dim": None}
+    want = {"limit_bytes": parse_size(a.limit_bytes) if a.limit_bytes else None, "max_dim": None,
+            "reshard_order": "name" if a.release_index else None}
     if a.reuse and os.path.exists(marker):
         info = json.load(open(marker))
         if all(info.get(k) == v for k, v in want.items()):
@@ -86,8 +87,22 @@ def make_source(a, family, src):
     cmd = [sys.executable, tool, manifest, src, "--fill", "tile", "--force", "--progress-every", "30"]
     if a.limit_bytes:
         cmd += ["--limit-bytes", str(a.limit_bytes)]
+    if a.release_index:   # files = a 5 GB split over the sorted names, index = the published one (POINTS-1.5)
+        cmd += ["--reshard-bytes", "5GB", "--reshard-order", "name"]
     log(f"[{family}] writing the synthetic checkpoint: {' '.join(cmd[1:])}")
     run(cmd)
+    if a.release_index:
+        man = json.load(open(manifest))
+        index_path = os.path.join(src, man["index_file"])
+        index = json.load(open(index_path))
+        wm = {t["name"]: t["file"] for t in man["tensors"] if t["name"] in index["weight_map"]}
+        if set(wm.values()) <= set(index["weight_map"].values()):
+            moved = sum(1 for k, v in wm.items() if index["weight_map"][k] != v)
+            index["weight_map"] = wm
+            json.dump(index, open(index_path, "w"), indent=2, sort_keys=True)
+            log(f"[{family}] index replaced by the release's own weight_map: it is wrong about {moved} tensors' files")
+        else:
+            log(f"[{family}] --release-index: file names differ, index left as written")
     return json.load(open(marker))
 
 
@@ -122,7 +137,7 @@ def convert(a, src, dst, partial):
                         hwm = max(hwm, int(line.split()[1]) * 1024)
         except (OSError, ValueError):
             pass
-        pid, status, _ = os.wait4(p.pid, os.WNOHANG)
+        pid, status, ru = os.wait4(p.pid, os.WNOHANG)
         if pid:
             break
         time.sleep(0.05)
@@ -134,7 +149,7 @@ def convert(a, src, dst, partial):
     os.remove(dst + ".stderr.txt")
     if p.returncode != 0:
         raise SystemExit(f"converter failed (exit {p.returncode}):\n{err[-3000:]}")
-    return wall, sync_time(), hwm, err
+    return wall, sync_time(), hwm, err, ru.ru_utime + ru.ru_stime
 
 
 def kill_halfway(a, src, dst, partial, total):
@@ -261,10 +276,11 @@ def bench_family(a, family):
         + (" [PARTIAL: --allow-missing]" if partial else ""))
     cp_wall, cp_sync = copy_floor(src, os.path.join(a.workdir, f"{family}_copy"))
     log(f"[{family}] copy floor: cp -r {cp_wall:.1f}s + sync {cp_sync:.1f}s")
-    wall, sync, rss, err = convert(a, src, dst, partial)
+    load = os.getloadavg()[0]
+    wall, sync, rss, err, cpu = convert(a, src, dst, partial)
     ratio = (wall + sync) / max(cp_wall + cp_sync, 1e-9)
-    log(f"[{family}] converter: {wall:.1f}s + sync {sync:.1f}s, peak RSS {rss / 2**30:.2f} GiB, "
-        f"ratio {ratio:.2f} x copy")
+    log(f"[{family}] converter: {wall:.1f}s + sync {sync:.1f}s ({cpu:.1f} CPU-s), peak RSS {rss / 2**30:.2f} GiB, "
+        f"ratio {ratio:.2f} x copy (load average before: {load:.1f} on {os.cpu_count()} cores)")
     for line in err.strip().splitlines()[-2:]:
         log("    " + line)
     rows = spot_check(src, dst, a.spot)
@@ -274,11 +290,11 @@ def bench_family(a, family):
     if a.kill_halfway:
         shutil.rmtree(dst)
         killed_ok = kill_halfway(a, src, dst, partial, total)
-        w2, s2, rss2, _ = convert(a, src, dst, partial)
+        w2, s2, rss2, _, _ = convert(a, src, dst, partial)
         log(f"  rerun after the kill: {w2:.1f}s, ok")
     result = dict(family=family, bytes=total, files=len(info["files"]), partial=partial, format=a.format,
                   dtype=a.dtype, convert_s=round(wall, 2), convert_sync_s=round(sync, 2),
-                  peak_rss_bytes=rss, copy_s=round(cp_wall, 2), copy_sync_s=round(cp_sync, 2),
+                  peak_rss_bytes=rss, convert_cpu_s=round(cpu, 1), load_before=round(load, 2), copy_s=round(cp_wall, 2), copy_sync_s=round(cp_sync, 2),
                   ratio=round(ratio, 3), spot_checks=len(rows), spot_checks_ok=sum(r[-1] for r in rows),
                   killed_halfway_ok=killed_ok, cpus=os.cpu_count(), when=time.strftime("%Y-%m-%d %H:%M:%S"))
     if not a.keep:
@@ -303,6 +319,9 @@ def main(argv=None):
     ap.add_argument("--reuse", action="store_true", help="reuse an existing synthetic source of the same kind")
     ap.add_argument("--keep", action="store_true", help="keep the source and the converted folder")
     ap.add_argument("--keep-source", action="store_true", help="keep the synthetic source (for --reuse)")
+    ap.add_argument("--release-index", action="store_true",
+                    help="files split greedily at 5 GB over the sorted names, with the manifest's (release) index: "
+                         "the published POINTS-1.5 situation, where the index is wrong about most tensors' files")
     ap.add_argument("--kill-halfway", action="store_true",
                     help="also SIGKILL a conversion halfway, check nothing looks complete, and rerun")
     a = ap.parse_args(argv)
