@@ -135,3 +135,25 @@ def test_golden_text_only_inputs(variant_model, tmp_path, inputs):
     with np.load(os.path.join(FIX, "expected.npz")) as z:
         if out["greedy_ids"][0, -1] != int(inputs["eos_token_id"]):
             assert out["greedy_ids"].shape == z["greedy_ids"].shape
+
+
+def test_golden_per_image_and_singleton_layouts(tmp_path):
+    """expected.npz may hold one array per image (image_embeds_0, vision_tower_out_1, ...) and step logits with a
+    batch axis ([steps, 1, V]): the same upstream values, split/reshaped, must pass too."""
+    import shutil
+
+    dst = tmp_path / "fx"
+    shutil.copytree(FIX, dst)
+    with np.load(os.path.join(FIX, "expected.npz")) as z:
+        exp = {k: z[k] for k in z.files}
+    with np.load(os.path.join(FIX, "inputs.npz")) as z:
+        grid = z["image_grid_thw"]
+    patches = [int(t * h * w) for t, h, w in grid]
+    for name, sizes in (("image_embeds", [n // 4 for n in patches]), ("vision_tower_out", patches)):
+        for k, part in enumerate(np.split(exp.pop(name), np.cumsum(sizes)[:-1])):
+            exp[f"{name}_{k}"] = part
+    exp["greedy_step_logits"] = exp["greedy_step_logits"][:, None]
+    np.savez(dst / "expected.npz", **exp)
+    rows, _ = run_golden(str(dst), rtol=1e-4, workdir=str(tmp_path), out=None)
+    assert {r.name for r in rows if r.status == "pass"} == set(exp), [r for r in rows if not r.ok]
+    assert {"image_embeds_2", "vision_tower_out_0"} <= {r.name for r in rows}

@@ -54,13 +54,34 @@ def _fixture_generation(fixture_dir) -> dict:
     return opts
 
 
-def _expected_steps(fixture_dir):
-    """Number of generated tokens in expected.npz (its shape only), or None."""
+def _expected_shapes(fixture_dir) -> dict:
+    """{name: shape} of expected.npz (names and shapes only, never values)."""
     path = os.path.join(fixture_dir, "expected.npz")
     if not os.path.exists(path):
-        return None
+        return {}
     with np.load(path) as z:
-        return int(z["greedy_ids"].shape[-1]) if "greedy_ids" in z.files else None
+        return {k: tuple(z[k].shape) for k in z.files}
+
+
+def _as_layout(arr: np.ndarray, shape) -> np.ndarray:
+    """Our array in the fixture's layout when only singleton axes differ ([8, V] vs [8, 1, V]); else as is."""
+    if shape is None or arr.shape == tuple(shape):
+        return arr
+    squeeze = lambda s: tuple(d for d in s if d != 1)  # noqa: E731
+    return arr.reshape(shape) if squeeze(arr.shape) == squeeze(shape) else arr
+
+
+def _per_image_outputs(out: dict, grid: np.ndarray, merge: int) -> dict:
+    """image_embeds_k / vision_*_k: the rows of image k, for fixtures that store one array per image."""
+    patches = (grid[:, 0] * grid[:, 1] * grid[:, 2]).tolist()
+    rows = {"image_embeds": [n // merge ** 2 for n in patches]}
+    rows.update({k: patches for k in ("vision_tower_out", "vision_patch_embed_out", "vision_rot_pos_emb")})
+    extra = {}
+    for name, sizes in rows.items():
+        if name in out:
+            for k, part in enumerate(np.split(out[name], np.cumsum(sizes)[:-1], axis=0)):
+                extra[f"{name}_{k}"] = part
+    return extra
 
 
 def _special_ids(fixture_dir, inputs) -> tuple[int, int]:
@@ -85,6 +106,7 @@ def _per_image(inputs: dict, name: str) -> np.ndarray:
 def golden(model, fixture_dir, inputs: dict) -> dict:
     image_token_id, eos_id = _special_ids(fixture_dir, inputs)
     gen = _fixture_generation(fixture_dir)
+    shapes = _expected_shapes(fixture_dir)
     ids = np.asarray(inputs["input_ids"], dtype=np.int64)
     mask = np.asarray(inputs.get("attention_mask", np.ones_like(ids)), dtype=np.int64)
     grid = _per_image(inputs, "image_grid_thw")
@@ -116,7 +138,8 @@ def golden(model, fixture_dir, inputs: dict) -> dict:
         eos = gen.get("eos_token_id", eos_id)
         eos = tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
         pad = eos[0] if gen.get("pad_token_id") is None else int(gen["pad_token_id"])
-        n_new = gen.get("max_new_tokens") or _expected_steps(fixture_dir) or DEFAULT_NEW_TOKENS
+        n_new = gen.get("max_new_tokens") or (shapes["greedy_ids"][-1] if "greedy_ids" in shapes else None) \
+            or DEFAULT_NEW_TOKENS
         cfg = GenerationConfig(max_new_tokens=int(n_new), do_sample=False, eos_token_ids=eos, pad_token_id=pad,
                                repetition_penalty=float(gen.get("repetition_penalty") or 1.0))
         res = generate(model.llm, embeds, mask, cfg, prefill_extra={"last_only": True},
@@ -126,4 +149,6 @@ def golden(model, fixture_dir, inputs: dict) -> dict:
     out["greedy_ids"] = np.array([s + [pad] * (width - len(s)) for s in res.sequences], dtype=np.int64)
     steps = np.stack(res.step_logits)  # [steps, B, V]
     out["greedy_step_logits"] = steps[:, 0] if steps.shape[1] == 1 else steps
-    return out
+    if len(grid):
+        out.update(_per_image_outputs(out, grid, model.config.vision.spatial_merge_size))
+    return {k: _as_layout(v, shapes.get(k)) for k, v in out.items()}
