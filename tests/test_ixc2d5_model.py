@@ -136,6 +136,45 @@ def test_rules_drop_old_buffers():
         assert len(hits) == 1 and not hits[0].targets
 
 
+def test_tied_head_layouts(tmp_path):
+    """tie_word_embeddings: true (upstream HF ties output.weight to tok_embeddings): a safetensors save omits
+    output.weight, a .bin save keeps a copy; both convert, and the head reads tok_embeddings."""
+    torch = pytest.importorskip("torch")
+    import shutil
+    from safetensors.torch import save_file
+    from convert.engine import convert
+    from paddlevl.checkpoint import load_model
+
+    src = os.path.join(FIX, "source")
+    sd = {}
+    for f in sorted(os.listdir(src)):
+        if f.endswith(".bin"):
+            sd.update(torch.load(os.path.join(src, f), weights_only=True))
+    sd["output.weight"] = sd["model.tok_embeddings.weight"]
+    cfg = dict(_json(os.path.join("source", "config.json")), tie_word_embeddings=True)
+    models = []
+    for layout in ("safetensors", "bin"):
+        d = tmp_path / layout
+        shutil.copytree(os.path.join(src, "internlm-xcomposer2d5-clip"), d / "internlm-xcomposer2d5-clip")
+        (d / "config.json").write_text(json.dumps(cfg))
+        if layout == "safetensors":
+            save_file({k: v for k, v in sd.items() if k != "output.weight"}, str(d / "model.safetensors"),
+                      metadata={"format": "pt"})
+        else:
+            torch.save(sd, str(d / "pytorch_model.bin"))
+        convert(str(d), str(tmp_path / f"{layout}_out"), progress=False)
+        models.append(load_model(str(tmp_path / f"{layout}_out"), dtype="float32"))
+    rng = np.random.default_rng(0)
+    x = paddle.to_tensor(rng.standard_normal((1, 5, cfg["hidden_size"])).astype(np.float32))
+    for m in models:
+        assert not hasattr(m, "output") and "output.weight" not in m.state_dict()
+        with paddle.no_grad():
+            got = m.forward_embeds(x).numpy()
+            h = m.decode(x).numpy()
+        want = h @ sd["model.tok_embeddings.weight"].float().numpy().T
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_fixture_dims_come_from_config(model):
     cfg = model.config
     assert cfg.vision.hidden_size == _json(os.path.join("source", "internlm-xcomposer2d5-clip",

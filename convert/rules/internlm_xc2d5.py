@@ -14,7 +14,9 @@ Source (release key names, torch layouts)                     -> target (paddlev
                                                                   write_artical (infer_mode 'write': sft + dpo) and
                                                                   write_webpage ('web') add on every token; chat
                                                                   (infer_mode 'base') never uses them
-  output.weight [V, H]                                         -> same name, transposed (untied head)
+  output.weight [V, H]                                         -> same name, transposed (untied head); with
+                                                                  tie_word_embeddings true it is dropped (HF ties it
+                                                                  to tok_embeddings; safetensors saves omit it)
   plora_glb_GN [1,1,4C], plora_sub_GN [1,1,1,4C]               -> same names, kept
   vision_proj.{0,2}.weight / .bias                             -> same names, weight transposed
   vit.vision_tower.vision_model.<HF CLIP key>                  -> same names (q/k/v/out_proj, fc1, fc2 weights
@@ -53,7 +55,8 @@ def rules(config: dict, source_keys=()) -> list:
                   "chat uses infer_mode='base'")),
         Rule(L + r"\.attention\.rotary_emb\.(inv_freq|cos_cached|sin_cached)", (),
              drop("rotary buffer, recomputed from rope_theta")),
-        Rule(r"output\.weight", "output.weight", transpose()),
+        Rule(r"output\.weight", (), drop("output head tied to tok_embeddings (tie_word_embeddings)"))
+        if config.get("tie_word_embeddings", False) else Rule(r"output\.weight", "output.weight", transpose()),
         # ---- vision: HD separators, projector, CLIP tower
         Rule(r"plora_(glb|sub)_GN", "plora_{1}_GN", keep()),
         Rule(r"vision_proj\.(0|2)\.weight", "vision_proj.{1}.weight", transpose()),

@@ -68,6 +68,7 @@ class IXCConfig:
     rope_scaling_type: Optional[str] = None     # None | "dynamic" | "linear"
     rope_scaling_factor: float = 1.0
     bias: bool = False                          # wqkv / wo bias (config "bias"); the MLP never has one
+    tie_word_embeddings: bool = False           # True: the head reads tok_embeddings (HF ties output.weight to it)
     plora_rank: int = 256
     plora_alpha: int = 256
     bos_token_id: int = 1
@@ -138,6 +139,7 @@ class IXCConfig:
             rms_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=float(d.get("rope_theta", 10000)),
             max_position_embeddings=int(d.get("max_position_embeddings", 2048)), vision=vision,
             rope_scaling_type=stype, rope_scaling_factor=sfactor, bias=bool(d.get("bias", True)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             plora_rank=int(d.get("plora_rank", 256)), plora_alpha=int(d.get("plora_alpha", 256)),
             bos_token_id=int(d.get("bos_token_id", 1)),
             eos_token_id=int(d.get("eos_token_id", 2)), pad_token_id=int(d.get("pad_token_id", 2)),

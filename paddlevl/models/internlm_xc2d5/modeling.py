@@ -7,7 +7,8 @@ Parameters keep the upstream names (Linear weights transposed to Paddle's [in, o
     model.layers.N.attention.wo.{weight, Plora_A.weight, Plora_B.weight}
     model.layers.N.feed_forward.{w1, w2, w3}.{weight, Plora_A.weight, Plora_B.weight}
     model.layers.N.{attention_norm, ffn_norm}.weight, model.norm.weight
-    output.weight                                                [H, V] (untied)
+    output.weight                                                [H, V] (absent when tie_word_embeddings: the head
+                                                                 then reads tok_embeddings, as HF ties them)
     plora_glb_GN [1, 1, 4C], plora_sub_GN [1, 1, 1, 4C]
     vision_proj.{0, 2}.{weight, bias}                            [4C, H], [H, H]
     vit.vision_tower.vision_model.*                              HF CLIPVisionModel names (paddlevl.layers.vit)
@@ -33,7 +34,8 @@ import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
-from ...layers import KVCache, RMSNorm, attention, causal_keep_mask, dynamic_ntk_base, rotate_half
+from ...layers import (KVCache, RMSNorm, attention, causal_keep_mask, decoder_inputs, dynamic_ntk_base,
+                      rotate_half)
 from ...layers.vit import CLIPVisionTower
 from .config import IXCConfig
 
@@ -183,7 +185,8 @@ class InternLMXComposer2(nn.Layer):
         super().__init__()
         self.config = cfg
         self.model = InternLM2Model(cfg)
-        self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias_attr=False)
+        if not cfg.tie_word_embeddings:
+            self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias_attr=False)
         m = cfg.vision_merged_size
         self.plora_glb_GN = self.create_parameter([1, 1, m], default_initializer=nn.initializer.Constant(0.0))
         self.plora_sub_GN = self.create_parameter([1, 1, 1, m], default_initializer=nn.initializer.Constant(0.0))
@@ -216,6 +219,12 @@ class InternLMXComposer2(nn.Layer):
         h = self.decode(inputs_embeds, attention_mask, position_ids, cache, im_mask, hidden_states)
         if last_only:
             h = h[:, -1:]
+        return self.head(h)
+
+    def head(self, h):
+        """Final hidden states [B, L, H] -> logits float32 (untied `output`, or tok_embeddings when tied)."""
+        if self.config.tie_word_embeddings:
+            return paddle.matmul(h, self.model.tok_embeddings.weight, transpose_y=True).astype("float32")
         return self.output(h).astype("float32")
 
     def decode(self, inputs_embeds, attention_mask=None, position_ids=None, cache: Optional[KVCache] = None,
@@ -223,13 +232,7 @@ class InternLMXComposer2(nn.Layer):
         """Final-norm hidden states [B, L, H]."""
         b, l = inputs_embeds.shape[0], inputs_embeds.shape[1]
         past = cache.seq_len if cache is not None else 0
-        if attention_mask is None:
-            attention_mask = paddle.ones([b, past + l], dtype="int64")
-        if attention_mask.shape[1] != past + l:
-            raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions, expected {past} + {l}")
-        if position_ids is None:
-            pos = np.cumsum(attention_mask.numpy(), axis=1) - 1
-            position_ids = paddle.to_tensor(np.maximum(pos[:, -l:], 0).astype(np.int64))
+        attention_mask, position_ids = decoder_inputs(inputs_embeds, attention_mask, position_ids, cache)
         im_rows = None
         if im_mask is not None:
             m = paddle.to_tensor(im_mask) if not isinstance(im_mask, paddle.Tensor) else im_mask
