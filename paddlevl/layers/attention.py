@@ -114,3 +114,19 @@ class VisionAttention(nn.Layer):
             from .rotary import apply_rotary
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         return self.out_proj(attention(q, k, v, keep_mask))
+
+
+def decoder_inputs(inputs_embeds, attention_mask=None, position_ids=None, cache: KVCache | None = None):
+    """Fill the decoder protocol's optional arguments for one step of L new tokens after the cached ones.
+
+    attention_mask defaults to all ones over past + L; position_ids default to the number of real tokens before
+    each new one (padding -> 0), which is 0..L-1 after the cache when there is no padding."""
+    b, l = inputs_embeds.shape[0], inputs_embeds.shape[1]
+    past = cache.seq_len if cache is not None else 0
+    if attention_mask is None:
+        attention_mask = paddle.ones([b, past + l], dtype="int64")
+    if attention_mask.shape[1] != past + l:
+        raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions, expected past {past} + {l}")
+    if position_ids is None:
+        position_ids = paddle.clip(paddle.cumsum(attention_mask.astype("int64"), axis=1) - 1, min=0)[:, -l:]
+    return attention_mask, position_ids

@@ -1,6 +1,5 @@
 """Feed-forward blocks. Upstream gate/up naming differs per family (Qwen-VL w2 = gate, InternLM2 w1 = gate,
 POINTS dense_h_to_4h = [up; gate]); the converter tables map every one of them onto gate_proj / up_proj."""
-import paddle
 import paddle.nn.functional as F
 from paddle import nn
 

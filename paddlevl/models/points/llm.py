@@ -32,7 +32,8 @@ import numpy as np
 import paddle
 from paddle import nn
 
-from ...layers import KVCache, RMSNorm, SwiGLU, apply_rotary, attention, causal_keep_mask, rope_inv_freq
+from ...layers import (KVCache, RMSNorm, SwiGLU, apply_rotary, attention, causal_keep_mask, decoder_inputs,
+                      rope_inv_freq)
 
 
 @dataclass
@@ -217,16 +218,9 @@ class PointsLLM(nn.Layer):
     # -- pieces ------------------------------------------------------------------------------------------
     def hidden_states(self, inputs_embeds, attention_mask=None, position_ids=None, cache: KVCache | None = None):
         """Output of the final RMSNorm [B, L, H] (the LM head's input)."""
-        b, l = inputs_embeds.shape[0], inputs_embeds.shape[1]
-        past = cache.seq_len if cache is not None else 0
-        if attention_mask is None:
-            attention_mask = paddle.ones([b, past + l], dtype="int64")
-        if attention_mask.shape[1] != past + l:
-            raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions, expected past {past} + {l}")
-        if position_ids is None:
-            position_ids = paddle.arange(past, past + l, dtype="int64").unsqueeze(0).expand([b, l])
+        attention_mask, position_ids = decoder_inputs(inputs_embeds, attention_mask, position_ids, cache)
         rope = self.rope(position_ids)
-        keep = causal_keep_mask(attention_mask, l)
+        keep = causal_keep_mask(attention_mask, inputs_embeds.shape[1])
         x = inputs_embeds
         for i, layer in enumerate(self.model.layers):
             x = layer(x, rope, keep, cache, i)
