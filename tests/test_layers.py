@@ -110,6 +110,24 @@ def test_gqa_attention_with_padding_and_past(h, hkv):
     close(got, np_attention(q, k, v, ref_keep))
 
 
+def test_long_queries_run_in_blocks_with_the_same_result(monkeypatch):
+    import importlib
+    A = importlib.import_module("paddlevl.layers.attention")
+    rng = np.random.default_rng(6)
+    b, past, l, h, hkv, d = 2, 4, 37, 6, 2, 8
+    q = paddle.to_tensor(rng.standard_normal((b, l, h, d)).astype(np.float32))
+    k = paddle.to_tensor(rng.standard_normal((b, past + l, hkv, d)).astype(np.float32))
+    v = paddle.to_tensor(rng.standard_normal((b, past + l, hkv, d)).astype(np.float32))
+    mask = np.ones((b, past + l), np.int64)
+    mask[0, :5] = 0
+    keep = L.causal_keep_mask(paddle.to_tensor(mask), l)
+    bd = L.block_diagonal_mask([20, 17])
+    whole, whole_bd = L.attention(q, k, v, keep).numpy(), L.attention(q, q, q, bd).numpy()
+    monkeypatch.setattr(A, "MAX_SCORE_ELEMENTS", b * h * (past + l) * 5)  # blocks of 5 query rows
+    close(L.attention(q, k, v, keep).numpy(), whole, 1e-6)
+    close(L.attention(q, q, q, bd).numpy(), whole_bd, 1e-6)
+
+
 def test_block_diagonal_mask():
     m = L.block_diagonal_mask([2, 3]).numpy()[0, 0]
     assert m[:2, :2].all() and m[2:, 2:].all() and not m[:2, 2:].any() and not m[2:, :2].any()

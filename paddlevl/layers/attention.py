@@ -57,6 +57,11 @@ def causal_keep_mask(attention_mask, query_len: int):
     return paddle.logical_and(causal, real)
 
 
+# Scores of at most this many float32 elements are materialised at once; longer prompts run in query blocks
+# (each query row's softmax is independent, so blocks give the same result with bounded memory).
+MAX_SCORE_ELEMENTS = 1 << 25
+
+
 def attention(q, k, v, keep_mask=None, scale: float | None = None):
     """Scaled dot-product attention with grouped-query support.
 
@@ -64,22 +69,30 @@ def attention(q, k, v, keep_mask=None, scale: float | None = None):
     keep_mask: boolean, broadcastable to [B, H, L, S] (True = attend) or None.
     Scores and softmax in float32; returns [B, L, H * D] in q's dtype."""
     b, l, h, d = q.shape
-    hkv = k.shape[2]
+    hkv, s = k.shape[2], k.shape[1]
     g = h // hkv
     scale = d ** -0.5 if scale is None else scale
     qf = q.astype("float32").reshape([b, l, hkv, g, d]).transpose([0, 2, 3, 1, 4])  # [B, Hkv, g, L, D]
     kf = k.astype("float32").transpose([0, 2, 1, 3]).unsqueeze(2)  # [B, Hkv, 1, S, D]
     vf = v.astype("float32").transpose([0, 2, 1, 3]).unsqueeze(2)
-    scores = paddle.matmul(qf, kf, transpose_y=True) * scale  # [B, Hkv, g, L, S]
-    if keep_mask is not None:
-        m = keep_mask
-        if m.ndim == 4:  # [B|1, H|1, L, S] -> [B|1, Hkv|1, g|1, L, S]
-            m = m.reshape([m.shape[0], hkv, g, m.shape[2], m.shape[3]]) if m.shape[1] == h else m.unsqueeze(2)
-        scores = paddle.where(m, scores, paddle.full([], NEG_INF, dtype="float32"))
-    probs = F.softmax(scores, axis=-1)
-    out = paddle.matmul(probs, vf)  # [B, Hkv, g, L, D]
-    out = out.transpose([0, 3, 1, 2, 4]).reshape([b, l, h * d])
-    return out.astype(q.dtype)
+    m = keep_mask
+    if m is not None and m.ndim == 4:  # [B|1, H|1, L|1, S] -> [B|1, Hkv|1, g|1, L|1, S]
+        m = m.reshape([m.shape[0], hkv, g, m.shape[2], m.shape[3]]) if m.shape[1] == h else m.unsqueeze(2)
+    block = max(1, MAX_SCORE_ELEMENTS // max(1, b * h * s))
+    outs = []
+    for start in range(0, l, block):
+        stop = min(l, start + block)
+        mb = m if (m is None or m.shape[-2] == 1 or (start == 0 and stop == l)) else m[..., start:stop, :]
+        outs.append(_attend(qf[:, :, :, start:stop] if stop - start < l else qf, kf, vf, mb, scale))
+    out = outs[0] if len(outs) == 1 else paddle.concat(outs, axis=3)  # [B, Hkv, g, L, D]
+    return out.transpose([0, 3, 1, 2, 4]).reshape([b, l, h * d]).astype(q.dtype)
+
+
+def _attend(qf, kf, vf, keep, scale):
+    scores = paddle.matmul(qf, kf, transpose_y=True) * scale  # [B, Hkv, g, Lb, S]
+    if keep is not None:
+        scores = paddle.where(keep, scores, paddle.full([], NEG_INF, dtype="float32"))
+    return paddle.matmul(F.softmax(scores, axis=-1), vf)
 
 
 def block_diagonal_mask(lengths):
