@@ -20,11 +20,10 @@ from typing import Optional
 import numpy as np
 
 from .ops import STORAGE, OpError
-from .readers import ConvertError, Source, TensorInfo, open_source, _names
+from .readers import ConvertError, Source, TensorInfo, open_source
 from .writers import FORMATS, IOThread, out_dtype, pack_shards, shard_names
 
 DTYPE_CHOICES = ("keep", "float32", "bfloat16", "float16")
-WEIGHT_NAMES = ("config.json",)
 
 
 @dataclass

@@ -76,6 +76,10 @@ def test_chain_applies_after_multi_output_to_every_output():
     assert same_words(outs[0], a[:5].T) and same_words(outs[1], a[5:].T)
     assert chain(split([5, 3]), transpose()).shapes((8, 3)) == [(3, 5), (3, 3)]
     assert drop("unused").shapes((8, 3)) == [] and drop("unused").apply(a, "bfloat16") == []
+    c = chain(transpose(), cast("float32"))
+    assert c.out_dtypes("bfloat16") == ["float32"]
+    ((got, dt),) = c.apply(a, "bfloat16")
+    assert dt == "float32" and same_words(got, cast_words(np.ascontiguousarray(a.T), "bfloat16", "float32"))
     with pytest.raises(OpError, match="reason"):
         drop("")
 
