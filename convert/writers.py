@@ -26,7 +26,8 @@ import numpy as np
 
 from .ops import FLOAT_DTYPES, STORAGE
 
-BLOCK = 160 << 20         # bytes of output materialised at a time (every per-layer matrix of a 7B model fits one)
+# bytes of output materialised at a time (every per-layer matrix of a 7B model fits one); tests make it small
+BLOCK = int(os.environ.get("PADDLEVL_CONVERT_BLOCK", 160 << 20))
 TILE = 256                # transpose tile edge (elements)
 PENDING = 256 << 20       # bytes queued for the writer thread before the producer waits
 POOL = 2                  # reused output buffers of BLOCK bytes: one being filled while the other is written
