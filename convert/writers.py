@@ -122,8 +122,7 @@ def transpose_into(dst: np.ndarray, src: np.ndarray) -> None:
     wide = k and m % k == 0 and src.strides[1] == src.itemsize and src.strides[0] % 8 == 0 and dst.flags.c_contiguous
     units = m // k if wide else m                               # columns of src, in k-word groups when wide
     nw = _pool()._max_workers if n * m * src.itemsize >= (8 << 20) else 1
-    step = -(-units // nw)
-    step = -(-step // 64) * 64                                  # whole groups / tiles per worker
+    step = -(-units // nw)                                      # equal shares (the loops take partial chunks)
     parts = [(c, min(units, c + step)) for c in range(0, units, step)]
     fn = (lambda c0, c1: _tiles_wide(dst, src, c0, c1, k)) if wide else (lambda c0, c1: _tiles(dst, src, c0, c1))
     if len(parts) == 1:
