@@ -31,8 +31,8 @@ import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
-from ...layers import (KVCache, LayerNorm, RMSNorm, SwiGLU, ViTBlock, VisionAttention, apply_rotary, logn_scale,
-                       ntk_scaled_base, qwen_ntk_alpha, rope_cos_sin, rope_inv_freq)
+from ...layers import (KVCache, LayerNorm, RMSNorm, SwiGLU, ViTBlock, VisionAttention, apply_rotary, decoder_inputs,
+                       logn_scale, ntk_scaled_base, qwen_ntk_alpha, rope_cos_sin, rope_inv_freq)
 from .config import POS_EMBED_GRID, VISUAL_LN_EPS, QwenVLConfig, QwenVisualConfig
 
 NTK_STATE = "qwen_vl_ntk_alpha"
@@ -273,12 +273,9 @@ class QwenVLForCausalLM(nn.Layer):
 
     def hidden_states(self, inputs_embeds, attention_mask=None, cache: KVCache | None = None):
         cfg = self.config
-        b, l = inputs_embeds.shape[0], inputs_embeds.shape[1]
+        l = inputs_embeds.shape[1]
         past = cache.seq_len if cache is not None else 0
-        if attention_mask is None:
-            attention_mask = paddle.ones([b, past + l], dtype="int64")
-        if attention_mask.shape[1] != past + l:
-            raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions, expected past {past} + {l}")
+        attention_mask, _ = decoder_inputs(inputs_embeds, attention_mask, None, cache)  # positions: from the cache
         if past == 0:  # prefill (or a cache-less forward): alpha from this length, kept for the decode steps
             alpha = self.ntk_alpha(l)
             if cache is not None:
